@@ -1,0 +1,40 @@
+"""Framework-free MOONSHOT math: Fisher collection, objective combination, masks.
+
+Nothing here imports LLM Compressor or Torch-Pruning; the adapters translate
+their hosts' state into these tensor functions.
+"""
+
+from moonshot_plugins.core.fisher import (
+    FISHER_MODES,
+    FisherCollector,
+    causal_lm_sample_losses,
+    frozen_parameters,
+    layer_inputs,
+    layer_output_grads,
+    run_gradient_pass,
+    validate_fisher_mode,
+)
+from moonshot_plugins.core.objective import (
+    combine_diagonal,
+    combine_hessians,
+    mean_diagonal,
+    validate_taylor_weight,
+)
+from moonshot_plugins.core.sparsify import moonshot_wanda_scores, row_wise_mask
+
+__all__ = [
+    "FISHER_MODES",
+    "FisherCollector",
+    "causal_lm_sample_losses",
+    "frozen_parameters",
+    "layer_inputs",
+    "layer_output_grads",
+    "run_gradient_pass",
+    "validate_fisher_mode",
+    "combine_diagonal",
+    "combine_hessians",
+    "mean_diagonal",
+    "validate_taylor_weight",
+    "moonshot_wanda_scores",
+    "row_wise_mask",
+]

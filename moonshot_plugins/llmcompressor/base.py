@@ -1,0 +1,260 @@
+"""MOONSHOT modifiers for LLM Compressor.
+
+Each modifier is its host (``SparseGPTModifier`` / ``WandaPruningModifier``)
+plus one gradient pass on the dense model before sequential pruning. The host
+accumulates its reconstruction statistic as usual; just before the host's
+solver runs on a layer, that statistic is augmented with the layer's Taylor
+term (see :mod:`moonshot_plugins.core.objective`). All math lives in
+:mod:`moonshot_plugins.core`; this file only translates the host's lifecycle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from compressed_tensors.utils import (
+    align_module_device,
+    match_named_modules,
+    match_targets,
+    update_offload_parameter,
+)
+from loguru import logger
+from pydantic import BaseModel, PrivateAttr, field_validator
+
+from llmcompressor.core import State
+from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_TYPES
+from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
+from llmcompressor.modifiers.utils.hooks import HooksMixin
+from llmcompressor.utils.dev import get_main_device
+from llmcompressor.utils.metric_logging import CompressionLogger
+
+from moonshot_plugins.core import (
+    FisherCollector,
+    causal_lm_sample_losses,
+    combine_diagonal,
+    combine_hessians,
+    moonshot_wanda_scores,
+    row_wise_mask,
+    run_gradient_pass,
+    validate_fisher_mode,
+    validate_taylor_weight,
+)
+from moonshot_plugins.core.fisher import restore_weight, standardized_weight
+
+__all__ = ["MoonshotSparseGPTModifier", "MoonshotWandaModifier"]
+
+
+def _lm_sample_losses(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    input_ids = batch["input_ids"]
+    attention_mask = batch.get("attention_mask")
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return causal_lm_sample_losses(logits, input_ids, attention_mask)
+
+
+class MoonshotFields(BaseModel):
+    """Fields and the gradient pass shared by both MOONSHOT modifiers.
+
+    :param taylor_weight: lam in [0, 1], weight of the Taylor (Fisher) term;
+        0 reproduces the host exactly, 1 is Taylor-only
+    :param fisher_mode: "token" (each position a rank-one sample, same cost as
+        X^T X) or "sample" (per-sample gradient outer products)
+    :param fisher_samples: calibration samples fed to the gradient pass
+        (None = all of them)
+    :param offload_fisher: keep Fisher accumulators on the CPU
+    """
+
+    taylor_weight: float = 0.5
+    fisher_mode: str = "token"
+    fisher_samples: int | None = None
+    offload_fisher: bool = False
+
+    _fisher: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
+
+    @field_validator("taylor_weight", mode="before")
+    @classmethod
+    def _check_taylor_weight(cls, value: Any) -> float:
+        return validate_taylor_weight(value)
+
+    @field_validator("fisher_mode")
+    @classmethod
+    def _check_fisher_mode(cls, value: str) -> str:
+        return validate_fisher_mode(value)
+
+    @field_validator("fisher_samples")
+    @classmethod
+    def _check_fisher_samples(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError(
+                f"fisher_samples must be a positive integer or None (all samples), got {value}"
+            )
+        return value
+
+    # which statistic the host needs: the d_in x d_in matrix or the diagonal
+    _fisher_matrix: bool = True
+
+    def _moonshot_modules(self) -> dict[str, torch.nn.Module]:
+        """The layers the host will prune, selected exactly as the host does."""
+        modules = {}
+        for layer_name, layer in self._target_layers.items():
+            for name, module in match_named_modules(layer, PRUNABLE_LAYER_TYPES):
+                name = f"{layer_name}.{name}"
+                if match_targets(name, module, self.ignore) or isinstance(
+                    module, torch.nn.Embedding
+                ):
+                    continue
+                modules[name] = module
+        return modules
+
+    def _collect_fisher(self, model: torch.nn.Module, dataloader) -> None:
+        if dataloader is None:
+            raise ValueError(
+                f"{type(self).__name__} with taylor_weight > 0 needs calibration data "
+                "(pass `dataset=` to oneshot) for its gradient pass"
+            )
+        modules = self._moonshot_modules()
+        collector = FisherCollector(
+            modules,
+            fisher_mode=self.fisher_mode,
+            matrix=self._fisher_matrix,
+            diagonal=not self._fisher_matrix,
+            offload=self.offload_fisher,
+        )
+        # The gradient pass needs the whole model on one device; use the
+        # accelerator the host will calibrate on when there is one.
+        original_device = next(model.parameters()).device
+        device = get_main_device()
+        if device != original_device:
+            model.to(device)
+        try:
+            with HooksMixin.disable_hooks():
+                used = run_gradient_pass(
+                    model,
+                    dataloader,
+                    collector,
+                    _lm_sample_losses,
+                    max_samples=self.fisher_samples,
+                    desc=f"{type(self).__name__} gradient pass",
+                )
+        finally:
+            if device != original_device:
+                model.to(original_device)
+        logger.info(
+            f"MOONSHOT: {self.fisher_mode} Fisher of {len(modules)} layers "
+            f"from {used} calibration samples"
+        )
+        for name, module in modules.items():
+            matrix, diagonal = collector.pop(name)
+            stat = matrix if self._fisher_matrix else diagonal
+            self._fisher[module] = stat.cpu() if self.offload_fisher else stat
+
+    def _moonshot_initialize(self, state: State) -> None:
+        if self.taylor_weight > 0.0:
+            self._collect_fisher(state.model, state.data.calib)
+
+
+class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
+    """SparseGPT on the MOONSHOT objective (1-lam) recon + lam taylor.
+
+    The host's row-shared Hessian (2/n) X^T X is replaced, per layer, by
+    (1-lam) H + lam (s_H / s_F) F with F the row-averaged empirical Fisher;
+    SparseGPT's own solver (one Cholesky per layer) then runs unchanged.
+
+    Sample yaml:
+
+    ```yaml
+    sparsity_stage:
+      sparsity_modifiers:
+        MoonshotSparseGPTModifier:
+          sparsity: 0.5
+          mask_structure: "2:4"
+          taylor_weight: 0.5
+          fisher_mode: "token"
+          targets: ["Linear"]
+          ignore: ["re:.*lm_head"]
+    ```
+
+    All ``SparseGPTModifier`` fields apply (``sparsity_profile: owl``,
+    ``block_size``, ``dampening_frac`` ...), plus ``taylor_weight``,
+    ``fisher_mode``, ``fisher_samples`` and ``offload_fisher``
+    (see :class:`MoonshotFields`).
+    """
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        initialized = super().on_initialize(state, **kwargs)
+        self._moonshot_initialize(state)
+        return initialized
+
+    def compress_modules(self):
+        for module in list(self._num_samples):
+            fisher = self._fisher.pop(module, None)
+            if fisher is None:
+                continue
+            with self._maybe_onload_hessian(module):
+                self._hessians[module] = combine_hessians(
+                    self._hessians[module], fisher, self.taylor_weight
+                )
+        super().compress_modules()
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        self._fisher = dict()
+        return super().on_finalize(state, **kwargs)
+
+
+class MoonshotWandaModifier(MoonshotFields, WandaPruningModifier):
+    """Wanda on the MOONSHOT objective: score W_ij^2 * S_ij with
+    S_ij = (1-lam) ||X_j||^2/n + lam (s_r / s_F) F_ij, F the per-weight
+    diagonal empirical Fisher. Wanda's own rule (lowest scores per output row,
+    N:M or unstructured) selects the mask.
+
+    Sample yaml:
+
+    ```yaml
+    sparsity_stage:
+      sparsity_modifiers:
+        MoonshotWandaModifier:
+          sparsity: 0.5
+          mask_structure: "2:4"
+          taylor_weight: 0.5
+          targets: ["Linear"]
+          ignore: ["re:.*lm_head"]
+    ```
+    """
+
+    _fisher_matrix: bool = False
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        initialized = super().on_initialize(state, **kwargs)
+        self._moonshot_initialize(state)
+        return initialized
+
+    def compress_modules(self):
+        if self.taylor_weight == 0.0:
+            return super().compress_modules()
+        for module in list(self._num_samples):
+            name = self._module_names[module]
+            logger.info(f"Sparsifying {name} using {self._num_samples[module]} samples")
+            with torch.no_grad(), align_module_device(module), CompressionLogger(module):
+                curvature = combine_diagonal(
+                    self._row_scalars.pop(module),
+                    self._fisher.pop(module),
+                    self.taylor_weight,
+                )
+                weight = standardized_weight(module).to(curvature.dtype)
+                mask = row_wise_mask(
+                    moonshot_wanda_scores(weight, curvature),
+                    self._module_sparsities[module],
+                    self._prune_n,
+                    self._prune_m,
+                )
+                weight[mask] = 0.0
+                pruned = restore_weight(module, weight)
+            update_offload_parameter(module, "weight", pruned)
+            del self._num_samples[module]
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        self._fisher = dict()
+        return super().on_finalize(state, **kwargs)

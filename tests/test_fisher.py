@@ -1,0 +1,210 @@
+"""The hook accumulators equal the Fisher definitions computed by brute force.
+
+Brute force: per-sample weight gradients G_i straight from autograd (one
+backward per sample, weights requiring grad) and, for token mode, per-position
+output gradients d_{i,t}; then the sums of the module docstring, term by term.
+"""
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from moonshot_plugins.core import FisherCollector, run_gradient_pass
+from moonshot_plugins.core.fisher import (
+    causal_lm_sample_losses,
+    layer_inputs,
+    layer_output_grads,
+    restore_weight,
+    standardized_weight,
+)
+
+N_SAMPLES = 5
+
+
+class SeqModel(nn.Module):
+    """(B, T, 6) -> (B, T, 3) through a Linear, a Conv1D and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(6, 8)
+        self.middle = Conv1D(7, 8)  # transformers Conv1D(nf=out, nx=in)
+        self.last = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.last(torch.tanh(self.middle(torch.tanh(self.first(x)))))
+
+
+class ConvModel(nn.Module):
+    """(B, 2, 6, 6) -> (B, 3) through two Conv2d layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 3, 3, stride=2)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def seq_case():
+    torch.manual_seed(0)
+    model = SeqModel()
+    x = torch.randn(N_SAMPLES, 4, 6)
+    y = torch.randn(N_SAMPLES, 4, 3)
+
+    def losses(m, batch):
+        xb, yb = batch
+        return ((m(xb) - yb) ** 2).mean(dim=(1, 2))
+
+    return model, (x, y), losses, {"first": model.first, "middle": model.middle, "last": model.last}
+
+
+def conv_case():
+    torch.manual_seed(1)
+    model = ConvModel()
+    x = torch.randn(N_SAMPLES, 2, 6, 6)
+    y = torch.randint(0, 3, (N_SAMPLES,))
+
+    def losses(m, batch):
+        xb, yb = batch
+        return nn.functional.cross_entropy(m(xb), yb, reduction="none")
+
+    return model, (x, y), losses, {"conv1": model.conv1, "conv2": model.conv2}
+
+
+def brute_force(model, data, losses, modules):
+    """Per-sample G_i (standardised orientation) and per-position (x, d) pairs."""
+    grads = {name: [] for name in modules}
+    tokens = {name: [] for name in modules}
+    x_all, y_all = data
+    for i in range(N_SAMPLES):
+        captured = {}
+
+        def capture(name):
+            def hook(module, args, out):
+                out.retain_grad()
+                captured[name] = (args[0].detach(), out)
+
+            return hook
+
+        handles = [m.register_forward_hook(capture(n)) for n, m in modules.items()]
+        model.zero_grad()
+        loss = losses(model, (x_all[i : i + 1], y_all[i : i + 1])).sum()
+        loss.backward()
+        for h in handles:
+            h.remove()
+        for name, module in modules.items():
+            g = module.weight.grad.clone()
+            g = g.flatten(1) if isinstance(module, nn.Conv2d) else g
+            g = g.T if isinstance(module, Conv1D) else g
+            grads[name].append(g)
+            inp, out = captured[name]
+            xs = layer_inputs(module, inp)[0]
+            ds = layer_output_grads(module, out.grad)[0]
+            tokens[name].append((xs, ds))
+    return grads, tokens
+
+
+@pytest.mark.parametrize("case", [seq_case, conv_case], ids=["linear+conv1d", "conv2d"])
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_fisher_modes_match_brute_force(case, batch_size):
+    model, data, losses, modules = case()
+    grads, tokens = brute_force(model, data, losses, modules)
+    batches = [
+        (data[0][s : s + batch_size], data[1][s : s + batch_size])
+        for s in range(0, N_SAMPLES, batch_size)
+    ]
+    for mode in ("sample", "token"):
+        collector = FisherCollector(modules, fisher_mode=mode, matrix=True, diagonal=True)
+        used = run_gradient_pass(model, batches, collector, losses)
+        assert used == N_SAMPLES
+        for name, module in modules.items():
+            d_out = grads[name][0].shape[0]
+            if mode == "sample":
+                expect = sum(g.T @ g for g in grads[name]) / (N_SAMPLES * d_out)
+                expect_diag = sum(g**2 for g in grads[name]) / N_SAMPLES
+            else:
+                expect = torch.zeros_like(collector.fisher(name))
+                expect_diag = torch.zeros_like(grads[name][0])
+                for xs, ds in tokens[name]:
+                    for x_t, d_t in zip(xs, ds):
+                        expect += (d_t @ d_t) * torch.outer(x_t, x_t)
+                        expect_diag += torch.outer(d_t**2, x_t**2)
+                expect /= N_SAMPLES * d_out
+                expect_diag /= N_SAMPLES
+            torch.testing.assert_close(collector.fisher(name), expect, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(
+                collector.diagonal_fisher(name), expect_diag, rtol=1e-4, atol=1e-7
+            )
+
+
+def test_sample_and_token_modes_differ():
+    model, data, losses, modules = seq_case()
+    results = {}
+    for mode in ("sample", "token"):
+        collector = FisherCollector(modules, fisher_mode=mode)
+        run_gradient_pass(model, [data], collector, losses)
+        results[mode] = collector.fisher("first")
+    assert not torch.allclose(results["sample"], results["token"])
+
+
+def test_gradient_pass_leaves_model_untouched():
+    model, data, losses, modules = seq_case()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    collector = FisherCollector(modules)
+    run_gradient_pass(model, [data], collector, losses)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks for m in modules.values())
+
+
+def test_max_samples_truncates():
+    model, data, losses, modules = seq_case()
+    collector = FisherCollector(modules)
+    used = run_gradient_pass(model, [data, data], collector, losses, max_samples=7)
+    assert used == 7
+    assert collector.num_samples["first"] == 7
+
+
+def test_padding_does_not_change_sample_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6, 11)
+    ids = torch.randint(0, 11, (1, 6))
+    padded_logits = torch.cat([logits, torch.randn(1, 3, 11)], dim=1)
+    padded_ids = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[1] * 6 + [0] * 3])
+    torch.testing.assert_close(
+        causal_lm_sample_losses(padded_logits, padded_ids, mask),
+        causal_lm_sample_losses(logits, ids),
+    )
+
+
+def test_reading_before_any_gradient_is_a_clear_error():
+    _, _, _, modules = seq_case()
+    collector = FisherCollector(modules)
+    with pytest.raises(RuntimeError, match="No gradient reached layer 'first'"):
+        collector.fisher("first")
+
+
+def test_bad_inputs():
+    _, _, _, modules = seq_case()
+    with pytest.raises(ValueError, match=r"fisher_mode must be one of \['sample', 'token'\]"):
+        FisherCollector(modules, fisher_mode="batch")
+    with pytest.raises(TypeError, match="supports nn.Linear"):
+        FisherCollector({"norm": nn.LayerNorm(4)})
+    with pytest.raises(ValueError, match="groups=1"):
+        FisherCollector({"dw": nn.Conv2d(4, 4, 3, groups=4)})
+
+
+@pytest.mark.parametrize(
+    "module", [nn.Linear(6, 4), Conv1D(4, 6), nn.Conv2d(2, 4, 3)], ids=["linear", "conv1d", "conv2d"]
+)
+def test_weight_orientation_round_trip(module):
+    weight = standardized_weight(module)
+    assert weight.shape[0] == 4
+    assert torch.equal(restore_weight(module, weight), module.weight.detach())

@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from llmcompressor.modifiers.pruning.wanda.wanda_sparsify import sparsify_weight as wanda_host
+
+from moonshot_plugins.core import (
+    combine_diagonal,
+    combine_hessians,
+    mean_diagonal,
+    moonshot_wanda_scores,
+    row_wise_mask,
+)
+
+
+def spd(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(3 * n, n, generator=g)
+    return a.T @ a
+
+
+def test_lam_zero_returns_host_statistic_itself():
+    h, f = spd(8, 0), spd(8, 1)
+    assert combine_hessians(h, f, 0.0) is h
+    r = torch.rand(8)
+    assert combine_diagonal(r, torch.rand(4, 8), 0) is r
+
+
+def test_combination_is_scale_free_and_keeps_host_scale():
+    h, f = spd(8, 0), spd(8, 1)
+    for lam in (0.25, 0.5, 1.0):
+        combined = combine_hessians(h, f, lam)
+        torch.testing.assert_close(combined, combine_hessians(h, 1e6 * f, lam))
+        torch.testing.assert_close(mean_diagonal(combined), mean_diagonal(h))
+    expected = 0.5 * h / mean_diagonal(h) + 0.5 * f / mean_diagonal(f)
+    torch.testing.assert_close(combine_hessians(h, f, 0.5), expected * mean_diagonal(h))
+    torch.testing.assert_close(
+        combine_hessians(h, f, 1.0), f * mean_diagonal(h) / mean_diagonal(f)
+    )
+
+
+def test_zero_fisher_falls_back_to_reconstruction():
+    h = spd(6, 0)
+    torch.testing.assert_close(combine_hessians(h, torch.zeros(6, 6), 0.5), 0.5 * h)
+
+
+def test_combine_diagonal_matches_definition():
+    r = torch.rand(8) + 0.1
+    fd = torch.rand(4, 8)
+    out = combine_diagonal(r, fd, 0.3)
+    expected = 0.7 * r / r.mean() + 0.3 * fd / fd.mean()
+    torch.testing.assert_close(out, expected.expand(4, 8) * r.mean())
+
+
+@pytest.mark.parametrize("lam", [-0.1, 1.01, float("nan")])
+def test_bad_taylor_weight(lam):
+    with pytest.raises(ValueError, match=r"taylor_weight must be in \[0, 1\]"):
+        combine_hessians(spd(4, 0), spd(4, 1), lam)
+
+
+def test_shape_mismatch_is_reported():
+    with pytest.raises(ValueError, match="fisher shape"):
+        combine_hessians(spd(4, 0), spd(5, 1), 0.5)
+
+
+@pytest.mark.parametrize("structure", [(2, 4), (0, 0)])
+def test_row_wise_mask_equals_wanda_host(structure):
+    """With Wanda's own score, our mask selection prunes exactly what Wanda prunes."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 6)
+    row_scalars = torch.rand(16)
+    n, m = structure
+    host = wanda_host(layer, {layer: row_scalars.clone()}, 0.5, n, m)
+    weight = layer.weight.detach().clone()
+    weight[row_wise_mask(moonshot_wanda_scores(weight, row_scalars), 0.5, n, m)] = 0
+    assert torch.equal(weight, host)
+
+
+def test_row_wise_mask_structure():
+    scores = torch.rand(5, 12)
+    mask = row_wise_mask(scores, 0.5, 2, 4)
+    assert torch.equal(mask.reshape(5, 3, 4).sum(-1), torch.full((5, 3), 2))
+    # the pruned entries are the two lowest of each group
+    groups = scores.reshape(5, 3, 4)
+    kept_min = groups.masked_fill(mask.reshape(5, 3, 4), float("inf")).amin(-1)
+    pruned_max = groups.masked_fill(~mask.reshape(5, 3, 4), -float("inf")).amax(-1)
+    assert (pruned_max <= kept_min).all()
+    mask = row_wise_mask(scores, 0.25, 0, 0)
+    assert torch.equal(mask.sum(1), torch.full((5,), 3))
