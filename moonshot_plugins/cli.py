@@ -1,0 +1,227 @@
+"""The ``moonshot`` command line: ``demo`` and ``prune`` (plus checkpoint tools).
+
+``moonshot demo`` prunes the real SmolLM2-135M at 2:4 with the host and with
+MOONSHOT on Austen calibration text, evaluates perplexity on disjoint text and
+saves the MOONSHOT model as a compressed-tensors checkpoint. Everything comes
+from package registries (see :mod:`moonshot_plugins.assets`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import shutil
+import sys
+import time
+from typing import Any
+
+__all__ = ["main"]
+
+# Calibration and evaluation text never overlap: three novels calibrate,
+# a fourth novel and a docs section evaluate.
+CALIBRATION_NOVELS = ("emma", "prideprejudice", "sensesensibility")
+EVALUATION_NOVEL = "persuasion"
+EVALUATION_DOCS = "tutorial"
+
+HOSTS = {"sparsegpt": "SparseGPT", "wanda": "Wanda"}
+
+
+def _mask_settings(structure: str) -> dict[str, Any]:
+    """'2:4' -> N:M settings; '0.6' -> 60% unstructured."""
+    if ":" in structure:
+        n, m = structure.split(":")
+        if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+            raise argparse.ArgumentTypeError(
+                f"--sparsity must be N:M with 0 < N < M (e.g. 2:4) or a fraction in (0, 1), got {structure!r}"
+            )
+        return {"sparsity": int(n) / int(m), "mask_structure": structure}
+    try:
+        value = float(structure)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"--sparsity must be N:M (e.g. 2:4) or a fraction in (0, 1), got {structure!r}"
+        )
+    return {"sparsity": value, "mask_structure": "0:0"}
+
+
+def _taylor_weight(text: str) -> float:
+    from moonshot_plugins.core import validate_taylor_weight
+
+    try:
+        return validate_taylor_weight(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def make_modifier(host: str, structure: dict[str, Any], taylor_weight: float | None, **extra):
+    """The host modifier (taylor_weight None) or its MOONSHOT version."""
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    from moonshot_plugins import MoonshotSparseGPTModifier, MoonshotWandaModifier
+
+    common = dict(structure, targets=["Linear"], ignore=["re:.*lm_head"])
+    if taylor_weight is None:
+        cls = {"sparsegpt": SparseGPTModifier, "wanda": WandaPruningModifier}[host]
+        return cls(**common)
+    cls = {"sparsegpt": MoonshotSparseGPTModifier, "wanda": MoonshotWandaModifier}[host]
+    return cls(**common, taylor_weight=taylor_weight, **extra)
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print(" | ".join(c.ljust(widths[c]) for c in columns))
+    print("-|-".join("-" * widths[c] for c in columns))
+    for row in rows:
+        print(" | ".join(_fmt(row.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return "" if value is None else str(value)
+
+
+# -- demo -------------------------------------------------------------------
+def run_demo(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moonshot_plugins.assets import austen_novels, python_docs, smollm2_dir
+    from moonshot_plugins.lm import calibration_loader, perplexity, run_oneshot, tokenize
+
+    torch.manual_seed(0)
+    model_dir = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    novels = austen_novels()
+    calib_ids = tokenize(tokenizer, "\n".join(novels[n] for n in CALIBRATION_NOVELS))
+    eval_sets = {
+        f"ppl {EVALUATION_NOVEL}": tokenize(tokenizer, novels[EVALUATION_NOVEL], args.eval_tokens),
+        f"ppl python-{EVALUATION_DOCS}": tokenize(tokenizer, python_docs(EVALUATION_DOCS), args.eval_tokens),
+    }
+    loader = calibration_loader(calib_ids, args.calib_samples, args.seq_len)
+
+    def evaluate(model) -> dict[str, float]:
+        return {name: perplexity(model, ids, context=args.context, desc=name) for name, ids in eval_sets.items()}
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+    rows = [{"method": "dense", "sparsity": "0%", **evaluate(load())}]
+    output = pathlib.Path(args.output)
+    label = args.sparsity["mask_structure"] if args.sparsity["mask_structure"] != "0:0" else f"{args.sparsity['sparsity']:.0%}"
+    for name, lam in ((HOSTS[args.host], None), (f"MOONSHOT-{HOSTS[args.host]} (lam={args.taylor_weight})", args.taylor_weight)):
+        recipe = [make_modifier(args.host, args.sparsity, lam, fisher_mode=args.fisher_mode)]
+        # The previous demo output is replaced only once the new one is complete.
+        save_to = output.with_name(output.name + ".new") if lam is not None else None
+        if save_to is not None and save_to.exists():
+            shutil.rmtree(save_to)
+        start = time.perf_counter()
+        model = run_oneshot(load(), recipe, loader, output_dir=save_to, shuffle_calibration_samples=False)
+        seconds = time.perf_counter() - start
+        rows.append({"method": name, "sparsity": label, **evaluate(model), "prune seconds": seconds})
+        if save_to is not None:
+            if output.exists():
+                shutil.rmtree(output)
+            save_to.rename(output)
+        del model
+
+    print()
+    print(
+        f"SmolLM2-135M, calibration {args.calib_samples} x {args.seq_len} tokens of "
+        f"{'+'.join(CALIBRATION_NOVELS)}; evaluation: first {args.eval_tokens} tokens, context {args.context}"
+    )
+    _print_table(rows, ["method", "sparsity", *eval_sets, "prune seconds"])
+    print(f"\nMOONSHOT checkpoint (compressed-tensors, recipe.yaml beside it): {output}")
+    return 0
+
+
+def _add_demo(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="prune the real SmolLM2-135M with the host and with MOONSHOT, compare perplexity",
+        description=run_demo.__doc__ or __doc__,
+    )
+    parser.add_argument("--host", choices=sorted(HOSTS), default="sparsegpt")
+    parser.add_argument("--sparsity", type=_mask_settings, default="2:4", help="N:M (default 2:4) or a fraction")
+    parser.add_argument("--taylor-weight", type=_taylor_weight, default=0.5, help="lam in [0, 1] (default 0.5)")
+    parser.add_argument("--fisher-mode", choices=["sample", "token"], default="token")
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument(
+        "--output",
+        default="outputs/smollm2-135m-moonshot-2of4",
+        help="where the MOONSHOT checkpoint goes (replaced only after a successful run)",
+    )
+    parser.set_defaults(func=run_demo)
+
+
+# -- prune ------------------------------------------------------------------
+def run_prune(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from moonshot_plugins.lm import calibration_loader, run_oneshot, tokenize
+
+    model_dir = pathlib.Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"error: MODEL_DIR {model_dir} has no config.json (need a local Hugging Face model directory)")
+    recipe = pathlib.Path(args.recipe)
+    if not recipe.is_file():
+        raise SystemExit(f"error: --recipe {recipe} is not a file")
+    calib = pathlib.Path(args.calib)
+    if calib.is_file():
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        ids = tokenize(tokenizer, calib.read_text(encoding="utf-8"))
+        dataset = calibration_loader(ids, args.num_samples, args.seq_len)
+        extra = {}
+    elif calib.is_dir():
+        from datasets import load_from_disk
+
+        dataset = load_from_disk(str(calib))
+        extra = dict(
+            num_calibration_samples=args.num_samples,
+            max_seq_length=args.seq_len,
+            text_column=args.text_column,
+        )
+    else:
+        raise SystemExit(f"error: --calib {calib} is neither a text file nor a datasets directory")
+    run_oneshot(str(model_dir), str(recipe), dataset, output_dir=args.output, **extra)
+    print(f"saved pruned model to {args.output}")
+    return 0
+
+
+def _add_prune(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prune",
+        help="prune a local causal LM with a recipe (thin layer over llmcompressor.oneshot)",
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face model directory")
+    parser.add_argument("--recipe", required=True, help="recipe YAML (e.g. recipes/moonshot_sparsegpt_2of4.yaml)")
+    parser.add_argument(
+        "--calib", required=True, help="plain-text file, or a directory saved by datasets' save_to_disk"
+    )
+    parser.add_argument("--output", required=True, help="output directory (must not exist)")
+    parser.add_argument("--num-samples", type=int, default=32, help="calibration samples (default 32)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default 512)")
+    parser.add_argument("--text-column", default="text", help="text column of a datasets directory")
+    parser.set_defaults(func=run_prune)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moonshot", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_demo(subparsers)
+    _add_prune(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

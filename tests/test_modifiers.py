@@ -1,0 +1,107 @@
+"""MOONSHOT modifiers against their LLM Compressor hosts on a tiny random Llama."""
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import AutoModelForCausalLM
+
+from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+from moonshot_plugins import MoonshotSparseGPTModifier, MoonshotWandaModifier
+from moonshot_plugins.lm import calibration_loader, run_oneshot
+
+COMMON = dict(sparsity=0.5, mask_structure="2:4", ignore=["re:.*lm_head"])
+
+
+@pytest.fixture(scope="module")
+def loader():
+    torch.manual_seed(0)
+    return calibration_loader(torch.randint(4, 60, (400,)), num_samples=6, seq_len=24)
+
+
+def prune(model_dir, modifier, loader):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    pruned = run_oneshot(model, [modifier], loader, shuffle_calibration_samples=False)
+    return {k: v.detach().clone() for k, v in pruned.state_dict().items()}
+
+
+def linear_weights(state):
+    return {k: v for k, v in state.items() if k.endswith("proj.weight")}
+
+
+@pytest.mark.parametrize(
+    "host, moonshot",
+    [(SparseGPTModifier, MoonshotSparseGPTModifier), (WandaPruningModifier, MoonshotWandaModifier)],
+    ids=["sparsegpt", "wanda"],
+)
+def test_lam_zero_is_bitwise_host_and_lam_one_differs(tiny_llama_dir, loader, host, moonshot):
+    reference = prune(tiny_llama_dir, host(**COMMON), loader)
+    lam0 = prune(tiny_llama_dir, moonshot(**COMMON, taylor_weight=0.0), loader)
+    lam1 = prune(tiny_llama_dir, moonshot(**COMMON, taylor_weight=1.0), loader)
+    assert reference.keys() == lam0.keys()
+    for key in reference:
+        assert torch.equal(reference[key], lam0[key]), key
+    changed = [k for k in linear_weights(reference) if not torch.equal(reference[k], lam1[k])]
+    assert len(changed) == len(linear_weights(reference))
+    for key, weight in linear_weights(lam1).items():
+        groups = (weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1)
+        assert (groups <= 2).all(), key
+
+
+@pytest.mark.parametrize("fisher_mode", ["sample", "token"])
+def test_fisher_modes_and_offload_prune(tiny_llama_dir, loader, fisher_mode):
+    a = prune(
+        tiny_llama_dir,
+        MoonshotSparseGPTModifier(**COMMON, fisher_mode=fisher_mode, fisher_samples=3),
+        loader,
+    )
+    b = prune(
+        tiny_llama_dir,
+        MoonshotSparseGPTModifier(
+            **COMMON, fisher_mode=fisher_mode, fisher_samples=3, offload_fisher=True
+        ),
+        loader,
+    )
+    for key in linear_weights(a):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_fisher_samples_changes_result(tiny_llama_dir, loader):
+    few = prune(tiny_llama_dir, MoonshotWandaModifier(**COMMON, taylor_weight=1.0, fisher_samples=1), loader)
+    all_ = prune(tiny_llama_dir, MoonshotWandaModifier(**COMMON, taylor_weight=1.0), loader)
+    assert any(not torch.equal(few[k], all_[k]) for k in linear_weights(few))
+
+
+@pytest.mark.parametrize("cls", [MoonshotSparseGPTModifier, MoonshotWandaModifier])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("taylor_weight", 1.5, r"taylor_weight must be in \[0, 1\]"),
+        ("taylor_weight", -0.1, r"taylor_weight must be in \[0, 1\]"),
+        ("fisher_mode", "batch", r"fisher_mode must be one of \['sample', 'token'\]"),
+        ("fisher_samples", 0, r"fisher_samples must be a positive integer"),
+        ("fisher_samples", -3, r"fisher_samples must be a positive integer"),
+    ],
+)
+def test_bad_fields_are_rejected_naming_field_and_allowed_values(cls, field, value, message):
+    with pytest.raises(ValidationError, match=message) as info:
+        cls(**COMMON, **{field: value})
+    assert info.value.errors()[0]["loc"] == (field,)
+
+
+def test_modifiers_registered_for_recipes():
+    from llmcompressor.recipe import Recipe
+
+    recipe = Recipe.create_instance(
+        """
+        sparsity_stage:
+          sparsity_modifiers:
+            MoonshotWandaModifier:
+              sparsity: 0.5
+              taylor_weight: 0.25
+              fisher_mode: sample
+        """
+    )
+    (modifier,) = recipe.modifiers
+    assert isinstance(modifier, MoonshotWandaModifier)
+    assert modifier.taylor_weight == 0.25 and modifier.fisher_mode == "sample"
