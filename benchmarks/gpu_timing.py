@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, "-m", "benchmarks.gpu_timing", "--shape", args.shape,
                        "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                        "--model-dir", str(model_dir), "--one", json.dumps([host, lam, mode])]
-                out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                # stderr is inherited so progress bars and errors show as they happen
+                out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
                 lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
                 if out.returncode or not lines:
-                    sys.stderr.write(out.stderr[-3000:])
                     raise SystemExit(f"failed: {host} lam={lam} {mode}")
                 result = {**json.loads(lines[-1][7:]), "repeat": repeat}
                 results.append(result)

@@ -81,6 +81,7 @@ def test_fisher_samples_changes_result(tiny_llama_dir, loader):
         ("fisher_mode", "batch", r"fisher_mode must be one of \['sample', 'token'\]"),
         ("fisher_samples", 0, r"fisher_samples must be a positive integer"),
         ("fisher_samples", -3, r"fisher_samples must be a positive integer"),
+        ("gradient_dtype", "float16", r"gradient_dtype must be one of \['bfloat16', 'float32'\]"),
     ],
 )
 def test_bad_fields_are_rejected_naming_field_and_allowed_values(cls, field, value, message):
@@ -105,3 +106,21 @@ def test_modifiers_registered_for_recipes():
     (modifier,) = recipe.modifiers
     assert isinstance(modifier, MoonshotWandaModifier)
     assert modifier.taylor_weight == 0.25 and modifier.fisher_mode == "sample"
+
+
+def test_bf16_gradient_pass_estimates_the_fp32_fisher(tiny_llama_dir, loader):
+    """The default bf16 autocast changes the Fisher by rounding only."""
+    from moonshot_plugins.core import FisherCollector, run_gradient_pass
+    from moonshot_plugins.llmcompressor.base import _lm_sample_losses
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    layers = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))}
+    fishers = {}
+    for dtype in (None, torch.bfloat16):
+        collector = FisherCollector(layers, fisher_mode="token")
+        run_gradient_pass(model, loader, collector, _lm_sample_losses, autocast_dtype=dtype)
+        fishers[dtype] = {n: collector.fisher(n) for n in layers}
+    for name in layers:
+        exact, approx = fishers[None][name], fishers[torch.bfloat16][name]
+        assert not torch.equal(exact, approx)  # autocast really ran
+        assert (approx - exact).norm() / exact.norm() < 0.05, name

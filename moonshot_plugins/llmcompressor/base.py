@@ -45,6 +45,8 @@ from moonshot_plugins.core.fisher import restore_weight, standardized_weight
 
 __all__ = ["MoonshotSparseGPTModifier", "MoonshotWandaModifier"]
 
+GRADIENT_DTYPES = {"bfloat16": torch.bfloat16, "float32": None}
+
 
 def _lm_sample_losses(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     device = next(model.parameters()).device
@@ -65,12 +67,16 @@ class MoonshotFields(BaseModel):
     :param fisher_samples: calibration samples fed to the gradient pass
         (None = all of them)
     :param offload_fisher: keep Fisher accumulators on the CPU
+    :param gradient_dtype: "bfloat16" (default) or "float32": precision of the
+        gradient pass's matmuls (autocast). bf16 is about 4x faster on CPUs with
+        AVX512-BF16 and on GPUs; the Fisher is always accumulated in fp32.
     """
 
     taylor_weight: float = 0.5
     fisher_mode: str = "token"
     fisher_samples: int | None = None
     offload_fisher: bool = False
+    gradient_dtype: str = "bfloat16"
 
     _fisher: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
 
@@ -83,6 +89,15 @@ class MoonshotFields(BaseModel):
     @classmethod
     def _check_fisher_mode(cls, value: str) -> str:
         return validate_fisher_mode(value)
+
+    @field_validator("gradient_dtype")
+    @classmethod
+    def _check_gradient_dtype(cls, value: str) -> str:
+        if value not in GRADIENT_DTYPES:
+            raise ValueError(
+                f"gradient_dtype must be one of {sorted(GRADIENT_DTYPES)}, got {value!r}"
+            )
+        return value
 
     @field_validator("fisher_samples")
     @classmethod
@@ -138,6 +153,7 @@ class MoonshotFields(BaseModel):
                     _lm_sample_losses,
                     max_samples=self.fisher_samples,
                     desc=f"{type(self).__name__} gradient pass",
+                    autocast_dtype=GRADIENT_DTYPES[self.gradient_dtype],
                 )
         finally:
             if device != original_device:
