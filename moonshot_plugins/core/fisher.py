@@ -21,6 +21,23 @@ LLM Compressor hosts do.
 Only activation gradients are needed, so the gradient pass freezes every
 parameter: autograd then skips all weight-gradient matmuls and the pass costs
 about one forward plus one activation-only backward.
+
+Opt-in extensions (all off by default), used by the Torch-Pruning adapter:
+
+* ``input_moments=True`` also accumulates the input second moment
+  M = (1/N) sum_i X_i^T X_i (d_in x d_in) in the forward hook, so it is
+  gathered by forward passes alone (no backward needed), with or without grad;
+* ``grouped_convs=True`` accepts Conv2d with groups > 1 (depthwise included)
+  for the diagonal Fisher (C_out x C_in/groups*kh*kw, the flattened weight's
+  shape) and the input moments, which are then per group:
+  (groups, d_g, d_g) with d_g = C_in/groups*kh*kw;
+* ``norm_layers=True`` accepts BatchNorm (timm's BatchNormAct2d included: the
+  fused activation is differentiated through) and LayerNorm, whose affine
+  weight gamma gets a per-channel diagonal Fisher (C,): per-sample gradient
+  g_i = sum_t d_{i,t} * xhat_{i,t} with xhat the normalised input;
+* ``sample_rows=True`` reads a 2-D layer input (batch, features) as one
+  sample per row (a classifier head after pooling) instead of one sample
+  of many positions (the default, for flattened token batches).
 """
 
 from __future__ import annotations
@@ -49,6 +66,7 @@ __all__ = [
     "run_gradient_pass",
     "standardized_weight",
     "restore_weight",
+    "is_norm_layer",
 ]
 
 FisherMode = Literal["sample", "token"]
@@ -64,9 +82,23 @@ def validate_fisher_mode(fisher_mode: str) -> str:
     return fisher_mode
 
 
-def _check_supported(module: nn.Module) -> None:
+def is_norm_layer(module: nn.Module) -> bool:
+    """BatchNorm (any dimension, timm's BatchNormAct2d included) or LayerNorm."""
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
+
+
+def _check_supported(
+    module: nn.Module, grouped_convs: bool = False, norm_layers: bool = False
+) -> None:
+    if norm_layers and is_norm_layer(module):
+        affine = getattr(module, "affine", getattr(module, "elementwise_affine", False))
+        if not affine or module.weight is None:
+            raise ValueError(
+                f"{type(module).__name__} has no affine weight, so it has no Fisher"
+            )
+        return
     if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
+        if module.groups != 1 and not grouped_convs:
             raise ValueError(
                 f"Fisher collection supports Conv2d with groups=1 only, got groups="
                 f"{module.groups}; depthwise layers have no shared d_in x d_in Hessian"
@@ -145,6 +177,14 @@ class FisherCollector:
     :param matrix: accumulate the d_in x d_in row-averaged Fisher
     :param diagonal: accumulate the d_out x d_in per-weight diagonal Fisher
     :param offload: keep accumulators on the CPU between updates
+    :param input_moments: also accumulate the input second moment (1/N) X^T X
+        of every linear/conv layer in the forward hook (read with
+        :meth:`input_moment`); forward passes alone suffice for it
+    :param grouped_convs: accept Conv2d with groups > 1 (diagonal Fisher and
+        input moments only; ``matrix`` must then be False)
+    :param norm_layers: accept BatchNorm/LayerNorm layers with an affine
+        weight (diagonal Fisher of gamma only; ``matrix`` must then be False)
+    :param sample_rows: 2-D inputs (batch, features) hold one sample per row
     """
 
     def __init__(
@@ -154,19 +194,32 @@ class FisherCollector:
         matrix: bool = True,
         diagonal: bool = False,
         offload: bool = False,
+        input_moments: bool = False,
+        grouped_convs: bool = False,
+        norm_layers: bool = False,
+        sample_rows: bool = False,
     ):
         self.fisher_mode = validate_fisher_mode(fisher_mode)
-        if not (matrix or diagonal):
+        if not (matrix or diagonal or input_moments):
             raise ValueError("FisherCollector needs matrix=True or diagonal=True")
-        for module in modules.values():
-            _check_supported(module)
+        for name, module in modules.items():
+            _check_supported(module, grouped_convs=grouped_convs, norm_layers=norm_layers)
+            if matrix and (is_norm_layer(module) or _groups(module) != 1):
+                raise ValueError(
+                    f"layer {name!r} ({type(module).__name__}) has no shared d_in x d_in "
+                    "Fisher; pass matrix=False (diagonal=True and/or input_moments=True)"
+                )
         self.modules = dict(modules)
         self.matrix = matrix
         self.diagonal = diagonal
         self.offload = offload
+        self.input_moments = input_moments
+        self.sample_rows = sample_rows
         self.num_samples: dict[str, int] = {name: 0 for name in self.modules}
+        self.num_moment_samples: dict[str, int] = {name: 0 for name in self.modules}
         self._matrix_acc: dict[str, torch.Tensor] = {}
         self._diag_acc: dict[str, torch.Tensor] = {}
+        self._moment_acc: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     # -- hooks ---------------------------------------------------------------
@@ -181,10 +234,17 @@ class FisherCollector:
         self._handles.clear()
 
     def _forward_hook(self, name: str) -> Callable:
+        norm = is_norm_layer(self.modules[name])
+
         def hook(module: nn.Module, args: tuple, output: torch.Tensor):
-            if not torch.is_grad_enabled():
+            if self.input_moments and not norm:
+                self._accumulate_moments(name, module, args[0].detach())
+            if not torch.is_grad_enabled() or not (self.matrix or self.diagonal):
                 return None
-            x = layer_inputs(module, args[0].detach())
+            if norm:
+                x = _normalized_input(module, args[0].detach())
+            else:
+                x = self._inputs(module, args[0].detach())
             if not output.requires_grad:
                 # With frozen weights, the first layers' inputs carry no grad;
                 # making the output a leaf lets the gradient reach it.
@@ -196,12 +256,43 @@ class FisherCollector:
 
         return hook
 
+    def _inputs(self, module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+        if self.sample_rows and inp.dim() == 2 and not isinstance(module, nn.Conv2d):
+            return inp.unsqueeze(1)
+        return layer_inputs(module, inp)
+
+    def _accumulate_moments(self, name: str, module: nn.Module, inp: torch.Tensor) -> None:
+        x = self._inputs(module, inp).to(FISHER_PRECISION)
+        self.num_moment_samples[name] += x.shape[0]
+        groups = _groups(module)
+        if groups == 1:
+            x2d = x.reshape(-1, x.shape[-1])
+            self._add(self._moment_acc, name, x2d.T @ x2d)
+        else:
+            xg = x.reshape(-1, groups, x.shape[-1] // groups)
+            self._add(self._moment_acc, name, torch.einsum("tgi,tgj->gij", xg, xg))
+
     def _accumulate(
         self, name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor
     ) -> None:
+        if is_norm_layer(module):
+            return self._accumulate_norm(name, module, x, g)
         x = x.to(FISHER_PRECISION)
+        if self.sample_rows and g.dim() == 2 and not isinstance(module, nn.Conv2d):
+            g = g.unsqueeze(1)
         d = layer_output_grads(module, g).to(FISHER_PRECISION)
         self.num_samples[name] += x.shape[0]
+        groups = _groups(module)
+        if groups != 1:  # diagonal only (checked in __init__)
+            b, t = x.shape[:2]
+            xg = x.reshape(b, t, groups, -1)
+            dg = d.reshape(b, t, groups, -1)
+            if self.fisher_mode == "token":
+                diag = torch.einsum("btgo,btgi->goi", dg.square(), xg.square())
+            else:
+                diag = torch.einsum("btgo,btgi->bgoi", dg, xg).square().sum(dim=0)
+            self._add(self._diag_acc, name, diag.reshape(d.shape[-1], -1))
+            return None
         if self.fisher_mode == "token":
             x2d, d2d = x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1])
             if self.matrix:
@@ -216,6 +307,29 @@ class FisherCollector:
                 self._add(self._matrix_acc, name, rows.T @ rows)
             if self.diagonal:
                 self._add(self._diag_acc, name, grads.square().sum(dim=0))
+
+    def _accumulate_norm(
+        self, name: str, module: nn.Module, xhat: torch.Tensor, g: torch.Tensor
+    ) -> None:
+        """Diagonal Fisher of a norm layer's gamma; ``xhat`` is (B, T, C)."""
+        act = _fused_activation(module)
+        if act is not None:
+            # timm's BatchNormAct2d: the hook saw act(bn(x)); move the gradient
+            # back through the activation to the affine output z.
+            with torch.enable_grad():
+                z = _rows_to_layout(module, xhat, g) * _shaped(module.weight.detach(), g) + (
+                    _shaped(module.bias.detach(), g) if module.bias is not None else 0.0
+                )
+                z = z.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(act(z * 1.0), z, g)
+        d = _norm_rows(module, g).to(FISHER_PRECISION)
+        xhat = xhat.to(FISHER_PRECISION)
+        self.num_samples[name] += xhat.shape[0]
+        if self.fisher_mode == "token":
+            diag = (d.square() * xhat.square()).sum(dim=(0, 1))
+        else:
+            diag = (d * xhat).sum(dim=1).square().sum(dim=0)
+        self._add(self._diag_acc, name, diag)
 
     def _add(self, store: dict[str, torch.Tensor], name: str, update: torch.Tensor):
         if self.offload:
@@ -249,6 +363,24 @@ class FisherCollector:
         count = self._num(name)
         return self._diag_acc[name] / count
 
+    def input_moment(self, name: str) -> torch.Tensor:
+        """Input second moment (1/N) sum_i X_i^T X_i of layer ``name``, fp32.
+
+        (d_in, d_in) for groups == 1, (groups, d_g, d_g) for grouped convs;
+        N counts samples (sequence positions / pixels are summed).
+        """
+        if not self.input_moments:
+            raise RuntimeError("collector was built with input_moments=False")
+        if is_norm_layer(self.modules[name]):
+            raise ValueError(f"layer {name!r} is a norm layer: it has no input moment")
+        n = self.num_moment_samples[name]
+        if n == 0:
+            raise RuntimeError(
+                f"No input reached layer {name!r}: run a forward pass inside the "
+                "collector before reading its input moment"
+            )
+        return self._moment_acc[name] / n
+
     def pop(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Return (matrix, diagonal) for ``name`` and free the accumulators."""
         matrix = self.fisher(name) if self.matrix else None
@@ -256,6 +388,54 @@ class FisherCollector:
         self._matrix_acc.pop(name, None)
         self._diag_acc.pop(name, None)
         return matrix, diagonal
+
+
+def _groups(module: nn.Module) -> int:
+    return module.groups if isinstance(module, nn.Conv2d) else 1
+
+
+def _fused_activation(module: nn.Module) -> Callable | None:
+    """The activation timm fuses into BatchNormAct2d (with its drop), else None."""
+    act = getattr(module, "act", None)
+    if act is None or isinstance(act, nn.Identity):
+        return None
+    drop = getattr(module, "drop", None)
+    return (lambda z: act(drop(z))) if drop is not None else act
+
+
+def _normalized_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """xhat of a norm layer (its output before gamma/beta) as rows (B, T, C)."""
+    if isinstance(module, nn.LayerNorm):
+        xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+        channels = module.weight.numel()
+        return xhat.reshape(x.shape[0], -1, channels)
+    use_batch = module.training or module.running_mean is None
+    xhat = F.batch_norm(
+        x, module.running_mean, module.running_var, None, None,
+        training=use_batch, momentum=0.0, eps=module.eps,
+    )
+    return _norm_rows(module, xhat)
+
+
+def _norm_rows(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """(B, C, *spatial) for BatchNorm or (B, ..., C) for LayerNorm -> (B, T, C)."""
+    if isinstance(module, nn.LayerNorm):
+        return t.reshape(t.shape[0], -1, module.weight.numel())
+    if t.dim() == 2:
+        return t.unsqueeze(1)
+    return t.flatten(2).transpose(1, 2)
+
+
+def _rows_to_layout(module: nn.Module, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_norm_rows` into the shape of ``like``."""
+    if isinstance(module, nn.LayerNorm) or like.dim() == 2:
+        return rows.reshape(like.shape)
+    return rows.transpose(1, 2).reshape(like.shape)
+
+
+def _shaped(param: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-channel ``param`` broadcastable against a BatchNorm tensor ``like``."""
+    return param.reshape(1, -1, *([1] * (like.dim() - 2)))
 
 
 def causal_lm_sample_losses(
@@ -309,6 +489,7 @@ def run_gradient_pass(
     sample_losses: Callable[[nn.Module, Any], torch.Tensor],
     max_samples: int | None = None,
     desc: str = "MOONSHOT gradient pass",
+    autocast_dtype: torch.dtype | None = None,
 ) -> int:
     """One forward and one activation-only backward per batch, feeding ``collector``.
 
@@ -317,6 +498,9 @@ def run_gradient_pass(
         how samples are batched.
     :param max_samples: stop after this many samples (whole batches are
         truncated to fit); None = all batches
+    :param autocast_dtype: run the forward/backward matmuls under autocast in
+        this dtype (e.g. torch.bfloat16: about 4x faster on CPUs with
+        AVX512-BF16); the Fisher accumulators stay fp32. None = model dtype.
     :return: number of samples used
     """
     used = 0
@@ -325,8 +509,12 @@ def run_gradient_pass(
     total = None
     if hasattr(batches, "__len__"):
         total = len(batches)  # batches, not samples; only for the progress bar
+    device_type = next(model.parameters()).device.type
+    autocast = torch.autocast(
+        device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+    )
     try:
-        with frozen_parameters(model), collector, torch.enable_grad():
+        with frozen_parameters(model), collector, torch.enable_grad(), autocast:
             for batch in tqdm(batches, desc=desc, total=total, leave=False):
                 size = _batch_size(batch)
                 if max_samples is not None:
