@@ -47,12 +47,14 @@ def make_plan(plan: str) -> list[dict[str, Any]]:
     sparsities = {"all": SPARSITIES, "2of4": ("2:4",), "unstructured": SPARSITIES[1:]}.get(plan, SPARSITIES)
     if plan in ("all", "2of4", "unstructured"):
         for sp in sparsities:
-            runs.append(_run("magnitude", sp))
+            # the headline pairs first, so a partial run still answers the main question
             for host in ("sparsegpt", "wanda"):
                 runs.append(_run("host", sp, host))
                 runs.append(_run("moonshot", sp, host, DEFAULT_LAM, "token"))
+            for host in ("sparsegpt", "wanda"):
                 runs.append(_run("moonshot", sp, host, DEFAULT_LAM, "sample"))
                 runs.append(_run("moonshot", sp, host, 1.0, "token"))  # Taylor-only
+            runs.append(_run("magnitude", sp))
     if plan in ("all", "sweep"):
         for sp in ("2:4", "0.6"):
             for host in ("sparsegpt", "wanda"):

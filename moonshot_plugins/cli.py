@@ -1,4 +1,4 @@
-"""The ``moonshot`` command line: ``demo`` and ``prune`` (plus checkpoint tools).
+"""The ``moonshot`` command line: ``demo``, ``prune``, ``check`` and ``export``.
 
 ``moonshot demo`` prunes the real SmolLM2-135M at 2:4 with the host and with
 MOONSHOT on Austen calibration text, evaluates perplexity on disjoint text and
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import shutil
 import sys
 import time
 from typing import Any
+
+from moonshot_plugins.checkpoint import register_cli as register_checkpoint_cli
 
 __all__ = ["main"]
 
@@ -114,17 +115,13 @@ def run_demo(args: argparse.Namespace) -> int:
     for name, lam in ((HOSTS[args.host], None), (f"MOONSHOT-{HOSTS[args.host]} (lam={args.taylor_weight})", args.taylor_weight)):
         recipe = [make_modifier(args.host, args.sparsity, lam, fisher_mode=args.fisher_mode)]
         # The previous demo output is replaced only once the new one is complete.
-        save_to = output.with_name(output.name + ".new") if lam is not None else None
-        if save_to is not None and save_to.exists():
-            shutil.rmtree(save_to)
         start = time.perf_counter()
-        model = run_oneshot(load(), recipe, loader, output_dir=save_to, shuffle_calibration_samples=False)
+        model = run_oneshot(
+            load(), recipe, loader, output_dir=output if lam is not None else None,
+            replace=True, shuffle_calibration_samples=False,
+        )
         seconds = time.perf_counter() - start
         rows.append({"method": name, "sparsity": label, **evaluate(model), "prune seconds": seconds})
-        if save_to is not None:
-            if output.exists():
-                shutil.rmtree(output)
-            save_to.rename(output)
         del model
 
     print()
@@ -215,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
     _add_prune(subparsers)
+    register_checkpoint_cli(subparsers)
     return parser
 
 

@@ -7,15 +7,14 @@ Calibration windows, perplexity, and one pruning run through LLM Compressor's
 from __future__ import annotations
 
 import math
-import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from moonshot_plugins.atomic import atomic_directory
 
 __all__ = [
     "tokenize",
@@ -107,15 +106,18 @@ def run_oneshot(
     recipe: Any,
     loader: DataLoader,
     output_dir: str | pathlib.Path | None = None,
+    replace: bool = False,
     **oneshot_kwargs: Any,
 ) -> torch.nn.Module:
     """Prune with LLM Compressor's ``oneshot`` and, optionally, save atomically.
 
     The checkpoint (compressed-tensors format, tokenizer, ``recipe.yaml``) is
-    written to a temporary sibling of ``output_dir`` and renamed into place only
-    when everything succeeded, so a failed run leaves no half-written directory.
+    written to a staging directory beside ``output_dir`` and renamed into place
+    only when everything succeeded (:func:`moonshot_plugins.atomic.atomic_directory`),
+    so a failed run leaves no half-written directory.
 
-    :raises FileExistsError: if ``output_dir`` already exists
+    :param replace: replace an existing ``output_dir`` once the new one is complete
+    :raises FileExistsError: if ``output_dir`` already exists and not ``replace``
     """
     from llmcompressor import oneshot
 
@@ -125,18 +127,7 @@ def run_oneshot(
         model = str(model)  # oneshot only treats str as a path
     if output_dir is None:
         return oneshot(model=model, recipe=recipe, dataset=loader, **oneshot_kwargs)
-
-    target = pathlib.Path(output_dir)
-    if target.exists():
-        raise FileExistsError(f"output directory {target} already exists; choose a new one")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        pruned = oneshot(
+    with atomic_directory(output_dir, replace=replace) as staging:
+        return oneshot(
             model=model, recipe=recipe, dataset=loader, output_dir=str(staging), **oneshot_kwargs
         )
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return pruned
