@@ -1,0 +1,452 @@
+"""MOONSHOT channel importance for Torch-Pruning.
+
+For every channel of a Torch-Pruning group, MOONSHOT scores
+
+    (1 - lam) * recon / mean(recon)  +  lam * taylor / mean(taylor)
+
+* ``recon``: the reconstruction error that removing the channel alone causes
+  in the outputs of the group's layers, from the input second moment
+  M = (1/N) sum_i X_i^T X_i of each layer (forward hooks):
+  removed output channel k of a Linear/Conv: w_k^T M w_k;
+  removed input channel j: sum_o w_oj^T M_jj w_oj (= ||W[:, j]||^2 M_jj for
+  a Linear; for a Conv, M_jj is the kh*kw block of channel j);
+  depthwise conv channel c: w_c^T M_c w_c. With ``recon_scale="layer"``
+  (default) each layer's errors are divided by the layer's output energy
+  trace(W M W^T), i.e. they are the fraction of that layer's output removed,
+  so layers of different scale weigh alike.
+* ``taylor``: Optimal Brain Damage, sum of w^2 * F over the channel's weights
+  with F the per-sample empirical Fisher diagonal -- Torch-Pruning's
+  ``HessianImportance`` term for term (the same layers, the same handlers).
+
+Per-layer terms are reduced over the group and normalised with
+Torch-Pruning's own ``_reduce`` / ``_normalize`` (``group_reduction`` and
+``normalizer`` as in ``GroupMagnitudeImportance``), separately for the two
+objectives, before they are mixed. Hence ``lam=1`` returns exactly what
+``HessianImportance`` returns when its gradients hold the same Fisher, and
+``lam=0`` is the reconstruction criterion alone.
+
+The statistics come from one calibration loop (:meth:`MoonshotImportance.calibrate`
+or :meth:`MoonshotImportance.accumulate`): a forward pass feeds the input
+moments, a backward pass of the summed per-sample losses feeds the Fisher
+(both through :class:`moonshot_plugins.core.FisherCollector`).
+
+Bookkeeping: Torch-Pruning prunes a weight's ``.grad`` together with the
+weight, which is how ``HessianImportance`` keeps its squared gradients aligned
+with pruned layers. MOONSHOT uses the same channel: after calibration each
+scored weight's ``.grad`` holds the original flat index of every weight, so
+after any pruning the statistics are gathered for exactly the weights that
+remain. Do not zero the model's gradients between calibration and pruning
+(call :meth:`MoonshotImportance.attach` again to re-mark an unpruned copy).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torch_pruning as tp
+from torch_pruning.pruner import function
+
+from moonshot_plugins.core import (
+    FisherCollector,
+    frozen_parameters,
+    run_gradient_pass,
+    validate_fisher_mode,
+    validate_taylor_weight,
+)
+from moonshot_plugins.core.fisher import is_norm_layer
+
+__all__ = ["MoonshotImportance", "RECON_SCALES", "RECON_TERMS", "classification_sample_losses"]
+
+RECON_SCALES: tuple[str, ...] = ("layer", "none")
+RECON_TERMS: tuple[str, ...] = ("all", "inputs")
+_MAX_EXACT_INDEX = 2**24  # float32 holds every integer below this exactly
+
+_OUT = (function.prune_conv_out_channels, function.prune_linear_out_channels)
+_IN = (function.prune_conv_in_channels, function.prune_linear_in_channels)
+_DEPTHWISE = (
+    function.prune_depthwise_conv_out_channels,
+    function.prune_depthwise_conv_in_channels,
+)
+
+
+def classification_sample_losses(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Per-sample cross-entropy of a ``(inputs, labels)`` batch: (B,)."""
+    inputs, labels = batch[0], batch[1]
+    return F.cross_entropy(model(inputs), labels, reduction="none")
+
+
+def _is_depthwise(layer: nn.Module) -> bool:
+    return (
+        isinstance(layer, nn.Conv2d)
+        and layer.groups > 1
+        and layer.groups == layer.in_channels
+        and layer.groups == layer.out_channels
+    )
+
+
+def _scored_layer(module: nn.Module) -> bool:
+    if is_norm_layer(module):
+        affine = getattr(module, "affine", getattr(module, "elementwise_affine", False))
+        return bool(affine) and module.weight is not None
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 or _is_depthwise(module)
+    return isinstance(module, nn.Linear)
+
+
+class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
+    """MOONSHOT importance: reconstruction error mixed with OBD, per channel.
+
+    Usable wherever Torch-Pruning takes an ``Importance`` (``MetaPruner``,
+    ``BasePruner`` ``importance=``). Calibrate first::
+
+        imp = MoonshotImportance(lam=0.5)
+        imp.accumulate(model, loader)          # (inputs, labels) batches
+        # or, with your own loss:
+        with imp.calibrate(model):
+            for x, y in loader:
+                F.cross_entropy(model(x), y, reduction="sum").backward()
+        pruner = tp.pruner.MetaPruner(model, example_inputs, importance=imp, ...)
+
+    Inside :meth:`calibrate` the losses of the samples must be *summed* (not
+    averaged), so that each sample's gradient is that of its own loss. A
+    forward pass alone (no backward) is enough when ``lam == 0``.
+
+    :param lam: weight of the Taylor/OBD objective in [0, 1]
+    :param group_reduction: Torch-Pruning's reduction over the group's layers
+    :param normalizer: Torch-Pruning's normaliser, applied to each objective
+    :param fisher_mode: "sample" (per-sample gradients, as OBD /
+        ``HessianImportance``) or "token" (see :mod:`moonshot_plugins.core.fisher`)
+    :param recon_scale: "layer" (each layer's errors relative to its output
+        energy) or "none" (raw squared errors)
+    :param recon_terms: "all" (output- and input-channel errors) or "inputs"
+        (only the errors in the consumers' outputs, i.e. input channels and
+        depthwise channels: the output error of a layer followed by a norm
+        layer is rescaled by that norm, so it says little about the network)
+    :param target_types: layer types scored, as in Torch-Pruning
+    """
+
+    def __init__(
+        self,
+        lam: float = 0.5,
+        group_reduction: str = "mean",
+        normalizer: str = "mean",
+        fisher_mode: str = "sample",
+        recon_scale: str = "layer",
+        recon_terms: str = "all",
+        bias: bool = False,
+        target_types: list = [nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm],
+    ):
+        self.lam = _validate_lam(lam)
+        self.fisher_mode = validate_fisher_mode(fisher_mode)
+        if recon_scale not in RECON_SCALES:
+            raise ValueError(f"recon_scale must be one of {list(RECON_SCALES)}, got {recon_scale!r}")
+        if bias:
+            raise ValueError("bias must be False: MOONSHOT scores weights only")
+        if recon_terms not in RECON_TERMS:
+            raise ValueError(f"recon_terms must be one of {list(RECON_TERMS)}, got {recon_terms!r}")
+        self.recon_scale = recon_scale
+        self.recon_terms = recon_terms
+        self.group_reduction = group_reduction
+        self.normalizer = normalizer
+        self.bias = False
+        self.target_types = list(target_types)
+        self.p = 2
+        self.reset()
+
+    # -- calibration -----------------------------------------------------------
+    def reset(self) -> None:
+        """Forget all calibration statistics."""
+        self._names: dict[int, str] = {}  # id(module) -> name in the calibrated model
+        self._moments: dict[str, torch.Tensor] = {}
+        self._fishers: dict[str, torch.Tensor] = {}
+        self._shapes: dict[str, torch.Size] = {}
+        self._num_samples = 0
+        self._has_fisher = False
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self._moments) or self._has_fisher
+
+    def _layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {
+            name: m
+            for name, m in model.named_modules()
+            if isinstance(m, tuple(self.target_types)) and _scored_layer(m)
+        }
+
+    @contextmanager
+    def calibrate(self, model: nn.Module) -> Iterator["MoonshotImportance"]:
+        """Collect statistics from the forward/backward passes run inside.
+
+        Puts the model in eval mode and freezes its parameters for the
+        duration (only activation gradients are needed); both are restored.
+        On exit the statistics are stored and the model is marked for
+        :meth:`__call__` (see the module docstring). Statistics add up over
+        several ``calibrate`` blocks until :meth:`reset`.
+        """
+        layers = self._layers(model)
+        if not layers:
+            raise ValueError(
+                f"model has no layer of target_types {[t.__name__ for t in self.target_types]}"
+            )
+        collector = FisherCollector(
+            layers,
+            fisher_mode=self.fisher_mode,
+            matrix=False,
+            diagonal=self.lam > 0,
+            input_moments=True,
+            grouped_convs=True,
+            norm_layers=True,
+            sample_rows=True,
+        )
+        was_training = model.training
+        model.eval()
+        try:
+            with frozen_parameters(model), collector:
+                yield self
+        finally:
+            model.train(was_training)
+        self._store(layers, collector)
+        self.attach(model)
+
+    def accumulate(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        sample_losses: Callable[[nn.Module, Any], torch.Tensor] = classification_sample_losses,
+        max_samples: int | None = None,
+    ) -> int:
+        """One calibration loop over ``batches``; returns the samples used.
+
+        :param sample_losses: (model, batch) -> per-sample losses (B,); the
+            default is cross-entropy on ``(inputs, labels)`` batches
+        """
+        with self.calibrate(model):
+            if self.lam == 0:  # moments only: forward passes suffice
+                used = 0
+                with torch.no_grad():
+                    for batch in batches:
+                        if max_samples is not None and used >= max_samples:
+                            break
+                        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                        if max_samples is not None:
+                            inputs = inputs[: max_samples - used]
+                        model(inputs)
+                        used += inputs.shape[0]
+            else:
+                used = run_gradient_pass(
+                    model, batches, self._collector_proxy(), sample_losses, max_samples,
+                    desc="MOONSHOT calibration",
+                )
+        return used
+
+    def _collector_proxy(self):
+        # run_gradient_pass enters the collector as a context manager and
+        # freezes parameters; calibrate() has done both already.
+        class _Noop:
+            def __enter__(self_inner):
+                return self_inner
+
+            def __exit__(self_inner, *exc):
+                return None
+
+        return _Noop()
+
+    def _store(self, layers: dict[str, nn.Module], collector: FisherCollector) -> None:
+        seen_any = False
+        for name, layer in layers.items():
+            self._shapes[name] = layer.weight.shape
+            if not is_norm_layer(layer) and collector.num_moment_samples[name] > 0:
+                moment = collector.input_moment(name)
+                n_new = collector.num_moment_samples[name]
+                self._moments[name] = _running_mean(self._moments.get(name), moment, self._num_samples, n_new)
+                seen_any = True
+            if collector.diagonal and collector.num_samples[name] > 0:
+                fisher = collector.diagonal_fisher(name).reshape(layer.weight.shape)
+                n_new = collector.num_samples[name]
+                self._fishers[name] = _running_mean(self._fishers.get(name), fisher, self._num_samples, n_new)
+                self._has_fisher = True
+                seen_any = True
+        if seen_any:
+            counts = [c for c in collector.num_moment_samples.values() if c] or [
+                c for c in collector.num_samples.values() if c
+            ]
+            self._num_samples += max(counts)
+
+    def attach(self, model: nn.Module) -> None:
+        """Mark an unpruned ``model`` (the calibrated one or a deep copy) for scoring.
+
+        Writes each scored weight's original flat indices into its ``.grad``
+        (Torch-Pruning prunes ``.grad`` along with the weight) and maps the
+        model's layers to the calibrated statistics by name.
+        """
+        if not self.calibrated:
+            raise RuntimeError("MoonshotImportance has no calibration data: run calibrate()/accumulate() first")
+        self._names = {}
+        for name, layer in self._layers(model).items():
+            if name not in self._shapes:
+                continue
+            if layer.weight.shape != self._shapes[name]:
+                raise ValueError(
+                    f"layer {name!r} has weight shape {tuple(layer.weight.shape)}, calibrated as "
+                    f"{tuple(self._shapes[name])}: attach() needs the unpruned model"
+                )
+            numel = layer.weight.numel()
+            if numel >= _MAX_EXACT_INDEX:
+                raise ValueError(f"layer {name!r} has {numel} weights; at most {_MAX_EXACT_INDEX - 1} supported")
+            layer.weight.grad = torch.arange(numel, dtype=layer.weight.dtype, device=layer.weight.device).view(
+                layer.weight.shape
+            )
+            self._names[id(layer)] = name
+
+    def with_lam(self, lam: float) -> "MoonshotImportance":
+        """A copy scoring with another ``lam``, sharing these statistics.
+
+        Needs the Fisher (calibrated with lam > 0) when ``lam > 0``. Call
+        :meth:`attach` on the model it will prune.
+        """
+        other = copy.copy(self)
+        other.lam = _validate_lam(lam)
+        other._names = dict(self._names)
+        return other
+
+    # -- scoring ---------------------------------------------------------------
+    def _current(self, layer: nn.Module) -> tuple[str, torch.Tensor] | None:
+        name = self._names.get(id(layer))
+        if name is None:
+            return None
+        grad = layer.weight.grad
+        if grad is None or grad.shape != layer.weight.shape:
+            raise RuntimeError(
+                f"layer {name!r} lost its MOONSHOT index marks (its .grad was cleared); "
+                "call attach() on the unpruned model or calibrate again"
+            )
+        return name, grad.detach().long()
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        if not self.calibrated:
+            raise RuntimeError(
+                "MoonshotImportance was called before any calibration data was seen: "
+                "run imp.calibrate(model) / imp.accumulate(model, batches) first"
+            )
+        if self.lam > 0 and not self._has_fisher:
+            raise RuntimeError(
+                f"lam={self.lam} needs the Fisher, but calibration ran without gradients "
+                "(calibrate with lam > 0 and a backward pass)"
+            )
+        recon_imp, recon_idxs, taylor_imp, taylor_idxs = [], [], [], []
+        for i, (dep, idxs) in enumerate(group):
+            idxs.sort()
+            layer = dep.target.module
+            prune_fn = dep.handler
+            root_idxs = group[i].root_idxs
+            if not isinstance(layer, tuple(self.target_types)):
+                continue
+            marked = self._current(layer)
+            if marked is None:
+                continue
+            name, index = marked
+            if self.lam < 1:
+                local = self._recon(name, layer, prune_fn, index)
+                if local is not None:
+                    recon_imp.append(local[idxs])
+                    recon_idxs.append(root_idxs)
+            if self.lam > 0:
+                local = self._taylor(name, layer, prune_fn, index, idxs)
+                if local is not None:
+                    taylor_imp.append(local)
+                    taylor_idxs.append(root_idxs)
+        if not recon_imp and not taylor_imp:
+            return None  # no prunable weights in this group, as Torch-Pruning does
+        recon = self._normalize(self._reduce(recon_imp, recon_idxs), self.normalizer) if recon_imp else None
+        taylor = self._normalize(self._reduce(taylor_imp, taylor_idxs), self.normalizer) if taylor_imp else None
+        if self.lam == 1.0 or recon is None:
+            return taylor
+        if self.lam == 0.0 or taylor is None:
+            return recon
+        return (1.0 - self.lam) * recon + self.lam * taylor
+
+    def _taylor(self, name, layer, prune_fn, index, idxs) -> torch.Tensor | None:
+        """HessianImportance's local term with h = the Fisher of the remaining weights."""
+        fisher = self._fishers.get(name)
+        if fisher is None:
+            return None
+        h = fisher.flatten().to(layer.weight.device)[index.flatten()].view(layer.weight.shape)
+        w = layer.weight.detach()
+        if prune_fn in _OUT:
+            if getattr(layer, "transposed", False):
+                w, h = w.transpose(1, 0), h.transpose(1, 0)
+            return (w[idxs].flatten(1) ** 2 * h[idxs].flatten(1)).sum(1)
+        if prune_fn in _IN:
+            if getattr(layer, "transposed", False):
+                w, h = w.flatten(1), h.flatten(1)
+            else:
+                w, h = w.transpose(0, 1).flatten(1), h.transpose(0, 1).flatten(1)
+            local = (w**2 * h).sum(1)
+            if prune_fn == function.prune_conv_in_channels and layer.groups != layer.in_channels and layer.groups != 1:
+                local = local.repeat(layer.groups)
+            return local[idxs]
+        if prune_fn in (function.prune_batchnorm_out_channels, function.prune_layernorm_out_channels):
+            return (w[idxs] ** 2 * h[idxs])
+        return None
+
+    def _recon(self, name, layer, prune_fn, index) -> torch.Tensor | None:
+        """Reconstruction error of removing each channel of this layer's pruned dim (full length)."""
+        moment = self._moments.get(name)
+        if moment is None or is_norm_layer(layer):
+            return None
+        w = layer.weight.detach().float()
+        moment = moment.to(w.device)
+        if _is_depthwise(layer):
+            if prune_fn not in _DEPTHWISE + _OUT + _IN:
+                return None
+            channels = index.flatten(1)[:, 0] // index[0].numel()  # original channel of each row
+            m = moment[channels]  # (C, k, k)
+            wf = w.flatten(1)
+            errors = torch.einsum("ck,ckl,cl->c", wf, m, wf)
+            return self._scaled(errors, errors.sum())
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            return None
+        wf = w.flatten(1)  # (d_out, d_in) with d_in = C_in * kh * kw
+        d_in_orig = self._shapes[name][1:].numel()
+        cols = index.flatten(1)[0] % d_in_orig  # original input column of each current column
+        m = moment[cols][:, cols]
+        energy = ((wf @ m) * wf).sum(1)  # w_k^T M w_k
+        if prune_fn in _OUT:
+            return self._scaled(energy, energy.sum()) if self.recon_terms == "all" else None
+        if prune_fn in _IN:
+            k = wf.shape[1] // w.shape[1]  # kernel positions per input channel
+            c_in = w.shape[1]
+            blocks = m.view(c_in, k, c_in, k)
+            ar = torch.arange(c_in, device=w.device)
+            diag_blocks = blocks[ar, :, ar, :]  # (C_in, k, k)
+            wk = wf.view(wf.shape[0], c_in, k)
+            errors = torch.einsum("ojk,jkl,ojl->j", wk, diag_blocks, wk)
+            return self._scaled(errors, energy.sum())
+        return None
+
+    def _scaled(self, errors: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+        if self.recon_scale == "none":
+            return errors
+        return errors / energy.clamp(min=torch.finfo(errors.dtype).tiny)
+
+
+def _validate_lam(lam: float) -> float:
+    try:
+        return validate_taylor_weight(lam)
+    except (TypeError, ValueError):
+        raise ValueError(f"lam must be a number in [0, 1], got {lam!r}") from None
+
+
+def _running_mean(old: torch.Tensor | None, new: torch.Tensor, n_old: int, n_new: int) -> torch.Tensor:
+    if old is None or n_old == 0:
+        return new
+    return (old * n_old + new * n_new) / (n_old + n_new)
