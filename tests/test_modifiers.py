@@ -122,5 +122,6 @@ def test_bf16_gradient_pass_estimates_the_fp32_fisher(tiny_llama_dir, loader):
         fishers[dtype] = {n: collector.fisher(n) for n in layers}
     for name in layers:
         exact, approx = fishers[None][name], fishers[torch.bfloat16][name]
+        assert approx.dtype == torch.float32  # accumulated outside autocast
         assert not torch.equal(exact, approx)  # autocast really ran
-        assert (approx - exact).norm() / exact.norm() < 0.05, name
+        assert (approx - exact).norm() / exact.norm() < 0.02, name

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Iterator, Literal
 
 import torch
@@ -238,7 +239,8 @@ class FisherCollector:
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor):
             if self.input_moments and not norm:
-                self._accumulate_moments(name, module, args[0].detach())
+                with torch.autocast(args[0].device.type, enabled=False):
+                    self._accumulate_moments(name, module, args[0].detach())
             if not torch.is_grad_enabled() or not (self.matrix or self.diagonal):
                 return None
             if norm:
@@ -249,9 +251,7 @@ class FisherCollector:
                 # With frozen weights, the first layers' inputs carry no grad;
                 # making the output a leaf lets the gradient reach it.
                 output = output.detach().requires_grad_(True)
-            output.register_hook(
-                lambda g: self._accumulate(name, module, x, g.detach())
-            )
+            output.register_hook(partial(self._accumulate_full_precision, name, module, x))
             return output
 
         return hook
@@ -271,6 +271,14 @@ class FisherCollector:
         else:
             xg = x.reshape(-1, groups, x.shape[-1] // groups)
             self._add(self._moment_acc, name, torch.einsum("tgi,tgj->gij", xg, xg))
+
+    def _accumulate_full_precision(
+        self, name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor
+    ) -> None:
+        # The gradient pass may run under autocast; the accumulators must not:
+        # bf16 matmuls and sums of many small positive terms lose the small ones.
+        with torch.autocast(g.device.type, enabled=False):
+            self._accumulate(name, module, x, g.detach())
 
     def _accumulate(
         self, name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor
