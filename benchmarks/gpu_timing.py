@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--hosts", nargs="+", choices=["sparsegpt", "wanda"], default=["sparsegpt", "wanda"])
     parser.add_argument("--output", type=pathlib.Path, default=None)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = pathlib.Path(tmp) / "model"
         _save_model(args.shape, model_dir)
         for repeat in range(args.repeats):
-            for host, lam, mode in METHODS:
+            for host, lam, mode in [m for m in METHODS if m[0] in args.hosts]:
                 cmd = [sys.executable, "-m", "benchmarks.gpu_timing", "--shape", args.shape,
                        "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                        "--model-dir", str(model_dir), "--one", json.dumps([host, lam, mode])]
