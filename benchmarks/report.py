@@ -129,8 +129,8 @@ def write_llm_report(results_json: pathlib.Path, default_lam: float = 0.5) -> No
         f"- date: {doc['date']}; raw results: [`{rel}`](../{rel})",
         f"- settings: {doc['settings']} (calibration: Emma + Pride and Prejudice + Sense and Sensibility; "
         "evaluation: Persuasion and the Python 3.11 tutorial, disjoint from calibration)",
-        "- prune seconds and peak RSS are of the pruning step alone, each run in its own process; "
-        "host and MOONSHOT runs of one setting ran back to back.",
+        "- prune seconds and peak RSS are of the pruning step alone, each run in its own process.",
+        *[f"- note: {note}" for note in doc.get("notes", [])],
         "",
         "| sparsity | method | ppl Persuasion | ppl Python tutorial | prune s | peak RSS MB |",
         "| --- | --- | --- | --- | --- | --- |",
