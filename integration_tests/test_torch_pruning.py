@@ -7,10 +7,10 @@ import timm
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
-from timm.models.vision_transformer import Attention, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from moonshot_plugins.torch_pruning import MoonshotImportance
+from moonshot_plugins.torch_pruning import MoonshotImportance, sync_vit_heads, vit_num_heads
 
 
 def small_vit():
@@ -30,17 +30,12 @@ def data(n=8, seed=0):
 
 
 def meta_prune(model, importance, ratio, example, **kwargs):
-    heads = {m.qkv: m.num_heads for m in model.modules() if isinstance(m, Attention)}
     pruner = tp.pruner.MetaPruner(
         model, example, importance=importance, pruning_ratio=ratio,
-        ignored_layers=[model.get_classifier()], num_heads=heads, **kwargs,
+        ignored_layers=[model.get_classifier()], num_heads=vit_num_heads(model), **kwargs,
     )
     pruner.step()
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.num_heads = pruner.num_heads[m.qkv]
-            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
-            m.attn_dim = m.num_heads * m.head_dim
+    sync_vit_heads(model, pruner)
     return model
 
 

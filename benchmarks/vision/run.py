@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import accuracy, load_split, load_trained  # noqa: E402
 
-from moonshot_plugins.torch_pruning import MoonshotImportance  # noqa: E402
+from moonshot_plugins.torch_pruning import MoonshotImportance, sync_vit_heads, vit_num_heads  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "vision_torch_pruning.json"
 BASELINES = ("magnitude", "taylor", "hessian", "hessian_tp_accumulate", "activation")
@@ -101,27 +101,13 @@ def batches_of(x, y, size):
 
 # -- pruning --------------------------------------------------------------------------
 
-def vit_heads(model):
-    from timm.models.vision_transformer import Attention
-
-    return {m.qkv: m.num_heads for m in model.modules() if isinstance(m, Attention)}
-
-
 def prune(model, importance, ratio, example):
-    heads = vit_heads(model)
     pruner = tp.pruner.MetaPruner(
         model, example, importance=importance, pruning_ratio=ratio,
-        ignored_layers=[model.get_classifier()], num_heads=heads,
+        ignored_layers=[model.get_classifier()], num_heads=vit_num_heads(model),
     )
     pruner.step()
-    if heads:
-        from timm.models.vision_transformer import Attention
-
-        for m in model.modules():
-            if isinstance(m, Attention):
-                m.num_heads = pruner.num_heads[m.qkv]
-                m.head_dim = m.qkv.out_features // (3 * m.num_heads)
-                m.attn_dim = m.num_heads * m.head_dim
+    sync_vit_heads(model, pruner)
     return model
 
 

@@ -11,5 +11,12 @@ from moonshot_plugins.torch_pruning.importance import (
     MoonshotImportance,
     classification_sample_losses,
 )
+from moonshot_plugins.torch_pruning.timm_vit import sync_vit_heads, vit_num_heads
 
-__all__ = ["MoonshotImportance", "RECON_SCALES", "classification_sample_losses"]
+__all__ = [
+    "MoonshotImportance",
+    "RECON_SCALES",
+    "classification_sample_losses",
+    "sync_vit_heads",
+    "vit_num_heads",
+]
