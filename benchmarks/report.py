@@ -96,8 +96,8 @@ def _plots(runs: list[dict[str, Any]], stem: str) -> list[str]:
     plt.close(fig)
     images.append(path.name)
 
-    if not any(r["sparsity"] in ("0.5", "0.6", "0.7") for r in runs):
-        return images
+    if len({r["sparsity"] for r in runs} & {"0.5", "0.6", "0.7"}) < 2:
+        return images  # a curve needs two unstructured sparsities
     fig, ax = plt.subplots(figsize=(6, 4))
     order = {"2:4": 0.5, "0.5": 0.5, "0.6": 0.6, "0.7": 0.7}
     labels = sorted({_label(r) for r in runs if r["method"] != "dense" and r["sparsity"] != "2:4"
