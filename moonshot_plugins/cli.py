@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from moonshot_plugins.checkpoint import register_cli as register_checkpoint_cli
+from moonshot_plugins.core.fisher import FISHER_MODES
 
 __all__ = ["main"]
 
@@ -143,7 +144,7 @@ def _add_demo(subparsers) -> None:
     parser.add_argument("--host", choices=sorted(HOSTS), default="sparsegpt")
     parser.add_argument("--sparsity", type=_mask_settings, default="2:4", help="N:M (default 2:4) or a fraction")
     parser.add_argument("--taylor-weight", type=_taylor_weight, default=0.5, help="lam in [0, 1] (default 0.5)")
-    parser.add_argument("--fisher-mode", choices=["sample", "token"], default="token")
+    parser.add_argument("--fisher-mode", choices=FISHER_MODES, default="token")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=16384)

@@ -164,8 +164,8 @@ class MoonshotFields(BaseModel):
         )
         for name, module in modules.items():
             matrix, diagonal = collector.pop(name)
-            stat = matrix if self._fisher_matrix else diagonal
-            self._fisher[module] = stat.cpu() if self.offload_fisher else stat
+            # already on the CPU when offload_fisher: the collector offloads
+            self._fisher[module] = matrix if self._fisher_matrix else diagonal
 
     def _moonshot_initialize(self, state: State) -> None:
         if self.taylor_weight > 0.0:
