@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.write(child.stderr[-4000:])
                 raise SystemExit(f"run failed: {label}")
             result = json.loads(lines[-1][len("RESULT "):])
+            result["code"] = _code_version()
             doc["runs"].append(result)
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(doc, indent=1) + "\n")
@@ -224,6 +225,15 @@ def main(argv: list[str] | None = None) -> int:
 
     write_llm_report(output)
     return 0
+
+
+def _code_version() -> str:
+    """The commit the run measured, with "+dirty" when the tree had changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _settings_args(settings: dict[str, Any]) -> list[str]:

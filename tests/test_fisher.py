@@ -208,3 +208,52 @@ def test_weight_orientation_round_trip(module):
     weight = standardized_weight(module)
     assert weight.shape[0] == 4
     assert torch.equal(restore_weight(module, weight), module.weight.detach())
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_token_weights_rebuild_the_token_fisher_and_the_moonshot_hessian(batch_size):
+    """sum_t w_t x_t x_t^T from the kept weights is the token Fisher, and
+    reweighting the inputs by sqrt(c_t) turns X^T X into combine_hessians(...)."""
+    from moonshot_plugins.core import combine_hessians, token_objective_weights
+
+    model, data, losses, modules = seq_case()
+    batches = [
+        (data[0][s : s + batch_size], data[1][s : s + batch_size])
+        for s in range(0, N_SAMPLES, batch_size)
+    ]
+    matrix = FisherCollector(modules, fisher_mode="token")
+    weights = FisherCollector(modules, fisher_mode="token", matrix=False, token_weights=True)
+    run_gradient_pass(model, batches, matrix, losses)
+    run_gradient_pass(model, batches, weights, losses)
+    _, tokens = brute_force(model, data, losses, modules)
+    for name, module in modules.items():
+        xs = torch.stack([x for x, _ in tokens[name]])  # (N, T, d_in)
+        w = torch.stack(weights.token_weights(name))  # (N, T)
+        assert w.shape == xs.shape[:2]
+        fisher = torch.einsum("nt,nti,ntj->ij", w, xs, xs) / N_SAMPLES
+        torch.testing.assert_close(fisher, matrix.fisher(name), rtol=1e-5, atol=1e-8)
+        energy, weighted = weights.token_energies(name)
+        assert energy == pytest.approx(xs.double().square().sum().item(), rel=1e-6)
+        assert weighted == pytest.approx((w.double()[..., None] * xs.double() ** 2).sum().item(), rel=1e-6)
+        sums = torch.stack(weights.input_sums(name))
+        torch.testing.assert_close(sums, xs.sum(dim=-1))
+        x2d = xs.reshape(-1, xs.shape[-1])
+        hessian = 2 * x2d.T @ x2d / N_SAMPLES  # SparseGPT's (2/n) X^T X
+        for lam in (0.3, 1.0):
+            c = token_objective_weights(w, energy, weighted, lam)
+            scaled = (xs * c.sqrt()[..., None]).reshape(-1, xs.shape[-1])
+            torch.testing.assert_close(
+                2 * scaled.T @ scaled / N_SAMPLES,
+                combine_hessians(hessian, matrix.fisher(name), lam),
+                rtol=1e-4,
+                atol=1e-7,
+            )
+
+
+def test_token_weights_reject_what_they_cannot_serve():
+    model, data, losses, modules = conv_case()
+    with pytest.raises(ValueError, match="token_weights supports nn.Linear"):
+        FisherCollector(modules, matrix=False, token_weights=True)
+    _, _, _, seq_modules = seq_case()
+    with pytest.raises(ValueError, match="needs fisher_mode='token'"):
+        FisherCollector(seq_modules, fisher_mode="sample", matrix=False, token_weights=True)

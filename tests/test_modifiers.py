@@ -153,3 +153,55 @@ def test_owl_fails_exactly_as_in_host(tiny_llama_dir, loader):
             prune(tiny_llama_dir, modifier, loader)
         errors.append(str(info.value))
     assert errors[0] == errors[1]
+
+
+def _hessians_at_compression(monkeypatch, model_dir, modifier, loader):
+    """The Hessians SparseGPT's solver receives for the first decoder layer."""
+    seen = {}
+    solver = SparseGPTModifier.compress_modules
+
+    def spy(self):
+        for module in self._num_samples:
+            name = self._module_names[module].rstrip(".")  # the host appends a "."
+            if ".layers.0." in name:
+                seen[name] = self._hessians[module].clone()
+        return solver(self)
+
+    monkeypatch.setattr(SparseGPTModifier, "compress_modules", spy)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    run_oneshot(model, [modifier], loader)
+    monkeypatch.undo()
+    return seen
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["ordered", "shuffled"])
+def test_token_reweighting_gives_the_moonshot_hessian(monkeypatch, tiny_llama_dir, loader, shuffle):
+    """First decoder layer (its inputs are still dense): the host's Hessian of
+    reweighted inputs equals combine_hessians(H_host, F_token, lam), also when
+    the calibration dataloader reshuffles on every pass (a RandomSampler, as
+    oneshot builds by default): the Taylor weights must follow their samples."""
+    from torch.utils.data import DataLoader
+    from moonshot_plugins.core import FisherCollector, combine_hessians, run_gradient_pass
+    from moonshot_plugins.llmcompressor.base import _lm_sample_losses
+
+    lam = 0.6
+    host = _hessians_at_compression(monkeypatch, tiny_llama_dir, SparseGPTModifier(**COMMON), loader)
+    calibration = loader
+    if shuffle:
+        torch.manual_seed(1)
+        calibration = DataLoader(loader.dataset, batch_size=1, shuffle=True, collate_fn=loader.collate_fn)
+    ours = _hessians_at_compression(
+        monkeypatch,
+        tiny_llama_dir,
+        MoonshotSparseGPTModifier(**COMMON, taylor_weight=lam, gradient_dtype="float32"),
+        calibration,
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    layers = {n: m for n, m in model.named_modules() if n in host}
+    collector = FisherCollector(layers, fisher_mode="token")
+    run_gradient_pass(model, loader, collector, _lm_sample_losses)
+    assert set(host) == set(ours) and len(host) == 7
+    for name in host:
+        expected = combine_hessians(host[name], collector.fisher(name), lam)
+        torch.testing.assert_close(ours[name], expected, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(ours[name], host[name], rtol=1e-2)

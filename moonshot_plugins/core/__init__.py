@@ -18,6 +18,7 @@ from moonshot_plugins.core.objective import (
     combine_diagonal,
     combine_hessians,
     mean_diagonal,
+    token_objective_weights,
     validate_taylor_weight,
 )
 from moonshot_plugins.core.sparsify import moonshot_wanda_scores, row_wise_mask
@@ -34,6 +35,7 @@ __all__ = [
     "combine_diagonal",
     "combine_hessians",
     "mean_diagonal",
+    "token_objective_weights",
     "validate_taylor_weight",
     "moonshot_wanda_scores",
     "row_wise_mask",

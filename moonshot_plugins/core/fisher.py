@@ -38,6 +38,17 @@ Opt-in extensions (all off by default), used by the Torch-Pruning adapter:
 * ``sample_rows=True`` reads a 2-D layer input (batch, features) as one
   sample per row (a classifier head after pooling) instead of one sample
   of many positions (the default, for flattened token batches).
+
+Used by the LLM Compressor adapter:
+
+* ``token_weights=True`` keeps, instead of a d_in x d_in matrix, the token
+  Fisher's per-position weights w_{i,t} = ||d_{i,t}||^2 / d_out of every sample
+  (T floats per sample and layer) plus the two energies that fix its scale,
+  A = sum_{i,t} ||x_{i,t}||^2 and B = sum_{i,t} w_{i,t} ||x_{i,t}||^2. The token
+  Fisher of *any* inputs of the same positions is then sum_t w_t x_t x_t^T, so a
+  host can fold it into its own X^T X accumulation by reweighting its inputs
+  (see :func:`moonshot_plugins.core.objective.token_objective_weights`), with
+  no d_in x d_in matrix kept per layer.
 """
 
 from __future__ import annotations
@@ -186,6 +197,9 @@ class FisherCollector:
     :param norm_layers: accept BatchNorm/LayerNorm layers with an affine
         weight (diagonal Fisher of gamma only; ``matrix`` must then be False)
     :param sample_rows: 2-D inputs (batch, features) hold one sample per row
+    :param token_weights: keep the token Fisher's per-position weights
+        ||d_t||^2 / d_out of every sample (read with :meth:`token_weights`)
+        and the energies A and B (:meth:`token_energies`); Linear/Conv1D only
     """
 
     def __init__(
@@ -199,9 +213,12 @@ class FisherCollector:
         grouped_convs: bool = False,
         norm_layers: bool = False,
         sample_rows: bool = False,
+        token_weights: bool = False,
     ):
         self.fisher_mode = validate_fisher_mode(fisher_mode)
-        if not (matrix or diagonal or input_moments):
+        if token_weights and self.fisher_mode != "token":
+            raise ValueError("token_weights=True needs fisher_mode='token'")
+        if not (matrix or diagonal or input_moments or token_weights):
             raise ValueError("FisherCollector needs matrix=True or diagonal=True")
         for name, module in modules.items():
             _check_supported(module, grouped_convs=grouped_convs, norm_layers=norm_layers)
@@ -210,17 +227,27 @@ class FisherCollector:
                     f"layer {name!r} ({type(module).__name__}) has no shared d_in x d_in "
                     "Fisher; pass matrix=False (diagonal=True and/or input_moments=True)"
                 )
+            if token_weights and not isinstance(module, (nn.Linear, Conv1D)):
+                raise ValueError(
+                    f"token_weights supports nn.Linear and transformers Conv1D, got "
+                    f"{type(module).__name__} for layer {name!r}: a convolution's "
+                    "unfolded columns mix positions, so its inputs cannot be reweighted"
+                )
         self.modules = dict(modules)
         self.matrix = matrix
         self.diagonal = diagonal
         self.offload = offload
         self.input_moments = input_moments
         self.sample_rows = sample_rows
+        self.keep_token_weights = token_weights
         self.num_samples: dict[str, int] = {name: 0 for name in self.modules}
         self.num_moment_samples: dict[str, int] = {name: 0 for name in self.modules}
         self._matrix_acc: dict[str, torch.Tensor] = {}
         self._diag_acc: dict[str, torch.Tensor] = {}
         self._moment_acc: dict[str, torch.Tensor] = {}
+        self._token_weights: dict[str, list[torch.Tensor]] = {name: [] for name in self.modules}
+        self._input_sums: dict[str, list[torch.Tensor]] = {name: [] for name in self.modules}
+        self._energies: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     # -- hooks ---------------------------------------------------------------
@@ -241,7 +268,9 @@ class FisherCollector:
             if self.input_moments and not norm:
                 with torch.autocast(args[0].device.type, enabled=False):
                     self._accumulate_moments(name, module, args[0].detach())
-            if not torch.is_grad_enabled() or not (self.matrix or self.diagonal):
+            if not torch.is_grad_enabled() or not (
+                self.matrix or self.diagonal or self.keep_token_weights
+            ):
                 return None
             if norm:
                 x = _normalized_input(module, args[0].detach())
@@ -290,6 +319,8 @@ class FisherCollector:
             g = g.unsqueeze(1)
         d = layer_output_grads(module, g).to(FISHER_PRECISION)
         self.num_samples[name] += x.shape[0]
+        if self.keep_token_weights:
+            self._keep_token_weights(name, x, d)
         groups = _groups(module)
         if groups != 1:  # diagonal only (checked in __init__)
             b, t = x.shape[:2]
@@ -315,6 +346,16 @@ class FisherCollector:
                 self._add(self._matrix_acc, name, rows.T @ rows)
             if self.diagonal:
                 self._add(self._diag_acc, name, grads.square().sum(dim=0))
+
+    def _keep_token_weights(self, name: str, x: torch.Tensor, d: torch.Tensor) -> None:
+        weights = d.square().sum(dim=-1) / d.shape[-1]  # (B, T)
+        energy = x.square().sum(dim=-1)  # (B, T)
+        update = torch.stack([energy.sum(), (weights * energy).sum()]).double()
+        self._add(self._energies, name, update.cpu())
+        self._token_weights[name].extend(weights.cpu().unbind(0))
+        # per-position input sums identify a sample when a later pass sees the
+        # samples in another order (a shuffling dataloader)
+        self._input_sums[name].extend(x.sum(dim=-1).cpu().unbind(0))
 
     def _accumulate_norm(
         self, name: str, module: nn.Module, xhat: torch.Tensor, g: torch.Tensor
@@ -388,6 +429,32 @@ class FisherCollector:
                 "collector before reading its input moment"
             )
         return self._moment_acc[name] / n
+
+    def token_weights(self, name: str) -> list[torch.Tensor]:
+        """Token-Fisher weights ||d_t||^2 / d_out of layer ``name``: one (T_i,)
+        fp32 CPU tensor per sample, in the order the samples were seen."""
+        if not self.keep_token_weights:
+            raise RuntimeError("collector was built with token_weights=False")
+        self._num(name)
+        return self._token_weights[name]
+
+    def token_energies(self, name: str) -> tuple[float, float]:
+        """(A, B): A = sum ||x_t||^2 and B = sum w_t ||x_t||^2 over every position
+        seen by layer ``name`` (the mean-diagonal scales of X^T X and of the
+        token Fisher, up to the same factor)."""
+        if not self.keep_token_weights:
+            raise RuntimeError("collector was built with token_weights=False")
+        self._num(name)
+        energy, weighted = self._energies[name].tolist()
+        return energy, weighted
+
+    def input_sums(self, name: str) -> list[torch.Tensor]:
+        """Per-position sums of the input of layer ``name``, one (T_i,) fp32
+        tensor per sample in order: a fingerprint that finds a sample again in
+        a later pass over the same data in another order."""
+        if not self.keep_token_weights:
+            raise RuntimeError("collector was built with token_weights=False")
+        return self._input_sums[name]
 
     def pop(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Return (matrix, diagonal) for ``name`` and free the accumulators."""

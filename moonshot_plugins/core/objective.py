@@ -19,6 +19,7 @@ __all__ = [
     "mean_diagonal",
     "combine_hessians",
     "combine_diagonal",
+    "token_objective_weights",
 ]
 
 
@@ -89,3 +90,40 @@ def combine_diagonal(
     diagonal_fisher = diagonal_fisher.to(device=row_scalars.device, dtype=row_scalars.dtype)
     scale = _ratio(row_scalars.mean(), diagonal_fisher.mean())
     return (1.0 - lam) * row_scalars.reshape(1, -1) + (lam * scale) * diagonal_fisher
+
+
+def token_objective_weights(
+    token_weights: torch.Tensor,
+    energy: float,
+    weighted_energy: float,
+    taylor_weight: float,
+    fisher_fraction: float = 1.0,
+) -> torch.Tensor:
+    """Per-position weights c_t that turn a host's X^T X into the MOONSHOT Hessian.
+
+    With the token Fisher F = sum_t w_t x_t x_t^T, both terms are sums over the
+    same positions, so the combined Hessian is the host's own accumulation over
+    reweighted inputs: sum_t c_t x_t x_t^T with
+
+        c_t = (1 - lam) + lam * (A / B) * w_t / fisher_fraction,
+
+    A = sum_t ||x_t||^2 and B = sum_t w_t ||x_t||^2 (the mean-diagonal scales of
+    X^T X and of F, up to the same factor d_in). On the inputs A and B were
+    measured on this equals ``combine_hessians(H_rec, F, lam)`` exactly, and the
+    mean diagonal of H_rec is preserved. A host feeds ``sqrt(c_t) * x_t`` to its
+    accumulation, which keeps its d_in x d_in structure and its cost.
+
+    :param token_weights: w_t = ||d_t||^2 / d_out, any shape (e.g. (B, T))
+    :param energy: A (from :meth:`FisherCollector.token_energies`)
+    :param weighted_energy: B
+    :param taylor_weight: lam in [0, 1]
+    :param fisher_fraction: share of the host's calibration samples that
+        carry Fisher weights (the others get c = 1 - lam); dividing by it keeps
+        the Taylor term's total weight lam when the gradient pass saw fewer samples
+    :return: c, same shape as ``token_weights``, fp32
+    """
+    lam = validate_taylor_weight(taylor_weight)
+    if not 0.0 < fisher_fraction <= 1.0:
+        raise ValueError(f"fisher_fraction must be in (0, 1], got {fisher_fraction}")
+    scale = energy / weighted_energy if weighted_energy > 0 else 0.0
+    return (1.0 - lam) + (lam * scale / fisher_fraction) * token_weights.float()

@@ -35,9 +35,11 @@ from moonshot_plugins.core import (
     causal_lm_sample_losses,
     combine_diagonal,
     combine_hessians,
+    layer_inputs,
     moonshot_wanda_scores,
     row_wise_mask,
     run_gradient_pass,
+    token_objective_weights,
     validate_fisher_mode,
     validate_taylor_weight,
 )
@@ -46,6 +48,14 @@ from moonshot_plugins.core.fisher import restore_weight, standardized_weight
 __all__ = ["MoonshotSparseGPTModifier", "MoonshotWandaModifier"]
 
 GRADIENT_DTYPES = {"bfloat16": torch.bfloat16, "float32": None}
+
+
+def _num_samples(dataloader) -> int | None:
+    """Samples one pass over ``dataloader`` yields, when it can tell."""
+    try:
+        return len(dataloader.batch_sampler.sampler)
+    except (AttributeError, TypeError):
+        return None
 
 
 def _lm_sample_losses(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -79,6 +89,14 @@ class MoonshotFields(BaseModel):
     gradient_dtype: str = "bfloat16"
 
     _fisher: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
+    # token-Fisher reweighting (SparseGPT, fisher_mode="token"): per module the
+    # per-sample weights w_t, the energies (A, B) and the input fingerprints;
+    # _sample_of maps the host's sample index to the gradient pass's
+    _token_weights: dict[torch.nn.Module, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
+    _token_energies: dict[torch.nn.Module, tuple[float, float]] = PrivateAttr(default_factory=dict)
+    _fingerprints: dict[torch.nn.Module, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
+    _sample_of: dict[int, int | None] = PrivateAttr(default_factory=dict)
+    _fisher_fraction: float = PrivateAttr(default=1.0)
 
     @field_validator("taylor_weight", mode="before")
     @classmethod
@@ -108,8 +126,10 @@ class MoonshotFields(BaseModel):
             )
         return value
 
-    # which statistic the host needs: the d_in x d_in matrix or the diagonal
-    _fisher_matrix: bool = True
+    def _fisher_statistic(self) -> str:
+        """What the host consumes: "token_weights" (inputs reweighted during the
+        host's own accumulation), "matrix" (d_in x d_in) or "diagonal"."""
+        raise NotImplementedError
 
     def _moonshot_modules(self) -> dict[str, torch.nn.Module]:
         """The layers the host will prune, selected exactly as the host does."""
@@ -131,11 +151,13 @@ class MoonshotFields(BaseModel):
                 "(pass `dataset=` to oneshot) for its gradient pass"
             )
         modules = self._moonshot_modules()
+        statistic = self._fisher_statistic()
         collector = FisherCollector(
             modules,
             fisher_mode=self.fisher_mode,
-            matrix=self._fisher_matrix,
-            diagonal=not self._fisher_matrix,
+            matrix=statistic == "matrix",
+            diagonal=statistic == "diagonal",
+            token_weights=statistic == "token_weights",
             offload=self.offload_fisher,
         )
         # The gradient pass needs the whole model on one device; use the
@@ -162,10 +184,70 @@ class MoonshotFields(BaseModel):
             f"MOONSHOT: {self.fisher_mode} Fisher of {len(modules)} layers "
             f"from {used} calibration samples"
         )
+        if statistic == "token_weights":
+            total = _num_samples(dataloader) or used
+            self._fisher_fraction = min(1.0, used / total)
+            for name, module in modules.items():
+                self._token_energies[module] = collector.token_energies(name)
+                self._token_weights[module] = collector.token_weights(name)
+                self._fingerprints[module] = collector.input_sums(name)
+            return
         for name, module in modules.items():
             matrix, diagonal = collector.pop(name)
             # already on the CPU when offload_fisher: the collector offloads
-            self._fisher[module] = matrix if self._fisher_matrix else diagonal
+            self._fisher[module] = matrix if statistic == "matrix" else diagonal
+
+    def _reweighted_input(self, module: torch.nn.Module, inp: torch.Tensor) -> torch.Tensor:
+        """sqrt(c_t) * x_t for this batch, so the host's X^T X accumulation
+        becomes (1-lam) H_rec + lam (s_rec/s_F) F_token (see
+        :func:`token_objective_weights`)."""
+        seen = self._num_samples.get(module, 0)  # samples the host already holds
+        x = layer_inputs(module, inp)
+        scale = torch.full(x.shape[:2], 1.0 - self.taylor_weight, dtype=torch.float32)
+        for k in range(x.shape[0]):
+            index = self._gradient_sample(module, seen + k, x[k])
+            if index is None:
+                continue  # not in the gradient pass (fisher_samples): recon term only
+            scale[k] = token_objective_weights(
+                self._token_weights[module][index],
+                *self._token_energies[module],
+                self.taylor_weight,
+                self._fisher_fraction,
+            )
+        root = scale.sqrt().to(device=x.device, dtype=x.dtype).unsqueeze(-1)
+        return (x * root).reshape(inp.shape)
+
+    def _gradient_sample(self, module: torch.nn.Module, index: int, x: torch.Tensor) -> int | None:
+        """Which gradient-pass sample is the host's sample ``index``.
+
+        oneshot's dataloader may reshuffle on every pass, so samples are matched
+        by content: the first layer to see a sample (still dense there) compares
+        its per-position input sums with the gradient pass's and fixes the match
+        for every later layer.
+        """
+        if index in self._sample_of:
+            return self._sample_of[index]
+        found = x.float().sum(dim=-1).cpu()
+        claimed = set(self._sample_of.values())
+        best, best_distance = None, float("inf")
+        for candidate, fingerprint in enumerate(self._fingerprints[module]):
+            if candidate in claimed or fingerprint.shape != found.shape:
+                continue
+            distance = ((fingerprint - found).norm() / fingerprint.norm().clamp(min=1e-12)).item()
+            if distance < best_distance:
+                best, best_distance = candidate, distance
+        # identical inputs differ by rounding only (bf16 autocast at most);
+        # different text differs by O(1)
+        if best_distance > 0.05:
+            best = None
+            if self._fisher_fraction == 1.0:
+                raise RuntimeError(
+                    f"calibration sample {index} was not seen by the MOONSHOT gradient "
+                    "pass: the calibration dataloader must yield the same samples on "
+                    "every pass (in any order)"
+                )
+        self._sample_of[index] = best
+        return best
 
     def _moonshot_initialize(self, state: State) -> None:
         if self.taylor_weight > 0.0:
@@ -199,13 +281,25 @@ class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
     (see :class:`MoonshotFields`).
     """
 
+    def _fisher_statistic(self) -> str:
+        return "token_weights" if self.fisher_mode == "token" else "matrix"
+
     def on_initialize(self, state: State, **kwargs) -> bool:
         initialized = super().on_initialize(state, **kwargs)
         self._moonshot_initialize(state)
         return initialized
 
+    def calibrate_module(
+        self, module: torch.nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor
+    ):
+        if module in self._token_weights:
+            args = (self._reweighted_input(module, args[0]), *args[1:])
+        return super().calibrate_module(module, args, _output)
+
     def compress_modules(self):
         for module in list(self._num_samples):
+            self._token_weights.pop(module, None)
+            self._fingerprints.pop(module, None)
             fisher = self._fisher.pop(module, None)
             if fisher is None:
                 continue
@@ -217,6 +311,9 @@ class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         self._fisher = dict()
+        self._token_weights = dict()
+        self._fingerprints = dict()
+        self._sample_of = dict()
         return super().on_finalize(state, **kwargs)
 
 
@@ -240,7 +337,8 @@ class MoonshotWandaModifier(MoonshotFields, WandaPruningModifier):
     ```
     """
 
-    _fisher_matrix: bool = False
+    def _fisher_statistic(self) -> str:
+        return "diagonal"
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         initialized = super().on_initialize(state, **kwargs)
