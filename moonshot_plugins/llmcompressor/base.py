@@ -197,6 +197,15 @@ class MoonshotFields(BaseModel):
             # already on the CPU when offload_fisher: the collector offloads
             self._fisher[module] = matrix if statistic == "matrix" else diagonal
 
+    def calibrate_module(
+        self, module: torch.nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor
+    ):
+        """The host's calibration hook, fed sqrt(c_t)-reweighted inputs when the
+        Taylor term is folded into the host's own statistic."""
+        if module in self._token_weights:
+            args = (self._reweighted_input(module, args[0]), *args[1:])
+        return super().calibrate_module(module, args, _output)
+
     def _reweighted_input(self, module: torch.nn.Module, inp: torch.Tensor) -> torch.Tensor:
         """sqrt(c_t) * x_t for this batch, so the host's X^T X accumulation
         becomes (1-lam) H_rec + lam (s_rec/s_F) F_token (see
@@ -288,13 +297,6 @@ class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
         initialized = super().on_initialize(state, **kwargs)
         self._moonshot_initialize(state)
         return initialized
-
-    def calibrate_module(
-        self, module: torch.nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor
-    ):
-        if module in self._token_weights:
-            args = (self._reweighted_input(module, args[0]), *args[1:])
-        return super().calibrate_module(module, args, _output)
 
     def compress_modules(self):
         for module in list(self._num_samples):
