@@ -257,3 +257,23 @@ def test_token_weights_reject_what_they_cannot_serve():
     _, _, _, seq_modules = seq_case()
     with pytest.raises(ValueError, match="needs fisher_mode='token'"):
         FisherCollector(seq_modules, fisher_mode="sample", matrix=False, token_weights=True)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_chunked_losses_equal_full_logits_losses_and_gradients(padded):
+    from moonshot_plugins.core import chunked_causal_lm_sample_losses
+
+    torch.manual_seed(0)
+    head = nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(3, 10, 8, requires_grad=True)
+    ids = torch.randint(0, 11, (3, 10))
+    mask = None
+    if padded:
+        mask = torch.ones(3, 10, dtype=torch.long)
+        mask[1, 7:] = 0
+    full = causal_lm_sample_losses(head(hidden), ids, mask)
+    (grad_full,) = torch.autograd.grad(full.sum(), hidden)
+    chunked = chunked_causal_lm_sample_losses(hidden, head, ids, mask, chunk_size=4)
+    (grad_chunked,) = torch.autograd.grad(chunked.sum(), hidden)
+    torch.testing.assert_close(chunked, full)
+    torch.testing.assert_close(grad_chunked, grad_full)

@@ -111,14 +111,14 @@ def test_modifiers_registered_for_recipes():
 def test_bf16_gradient_pass_estimates_the_fp32_fisher(tiny_llama_dir, loader):
     """The default bf16 autocast changes the Fisher by rounding only."""
     from moonshot_plugins.core import FisherCollector, run_gradient_pass
-    from moonshot_plugins.llmcompressor.base import _lm_sample_losses
+    from moonshot_plugins.llmcompressor.base import _CausalLMLosses
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     layers = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))}
     fishers = {}
     for dtype in (None, torch.bfloat16):
         collector = FisherCollector(layers, fisher_mode="token")
-        run_gradient_pass(model, loader, collector, _lm_sample_losses, autocast_dtype=dtype)
+        run_gradient_pass(model, loader, collector, _CausalLMLosses(), autocast_dtype=dtype)
         fishers[dtype] = {n: collector.fisher(n) for n in layers}
     for name in layers:
         exact, approx = fishers[None][name], fishers[torch.bfloat16][name]
@@ -182,7 +182,7 @@ def test_token_reweighting_gives_the_moonshot_hessian(monkeypatch, tiny_llama_di
     oneshot builds by default): the Taylor weights must follow their samples."""
     from torch.utils.data import DataLoader
     from moonshot_plugins.core import FisherCollector, combine_hessians, run_gradient_pass
-    from moonshot_plugins.llmcompressor.base import _lm_sample_losses
+    from moonshot_plugins.llmcompressor.base import _CausalLMLosses
 
     lam = 0.6
     host = _hessians_at_compression(monkeypatch, tiny_llama_dir, SparseGPTModifier(**COMMON), loader)
@@ -199,9 +199,67 @@ def test_token_reweighting_gives_the_moonshot_hessian(monkeypatch, tiny_llama_di
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     layers = {n: m for n, m in model.named_modules() if n in host}
     collector = FisherCollector(layers, fisher_mode="token")
-    run_gradient_pass(model, loader, collector, _lm_sample_losses)
+    run_gradient_pass(model, loader, collector, _CausalLMLosses())
     assert set(host) == set(ours) and len(host) == 7
     for name in host:
         expected = combine_hessians(host[name], collector.fisher(name), lam)
         torch.testing.assert_close(ours[name], expected, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(ours[name], host[name], rtol=1e-2)
+
+
+def test_activation_checkpointing_keeps_the_statistics(tiny_llama_dir, loader):
+    """Decoder layers under checkpointing: same token weights and Fisher
+    (hooks fire again in the recomputation, but only the original outputs
+    receive gradients), and the layers' forward is restored afterwards."""
+    from moonshot_plugins.core import FisherCollector, run_gradient_pass
+    from moonshot_plugins.llmcompressor.base import _CausalLMLosses
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    layers = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "o_proj", "down_proj"))}
+    results = []
+    for blocks in ((), list(model.model.layers)):
+        weights = FisherCollector(layers, matrix=False, token_weights=True)
+        matrix = FisherCollector(layers)
+        for collector in (weights, matrix):
+            used = run_gradient_pass(model, loader, collector, _CausalLMLosses(), checkpoint_modules=blocks)
+            assert used == 6
+        results.append((weights, matrix))
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+    (plain_w, plain_m), (ckpt_w, ckpt_m) = results
+    for name in layers:
+        assert len(ckpt_w.token_weights(name)) == 6  # no double counting
+        torch.testing.assert_close(torch.stack(ckpt_w.token_weights(name)), torch.stack(plain_w.token_weights(name)))
+        assert ckpt_w.token_energies(name) == pytest.approx(plain_w.token_energies(name), rel=1e-6)
+        torch.testing.assert_close(ckpt_m.fisher(name), plain_m.fisher(name))
+
+
+def test_gradient_pass_losses_split_the_head_only_when_exact(tiny_llama_dir, loader):
+    """The LM loss of the gradient pass runs the head in chunks for a plain
+    body+head model and gives the model's own per-sample losses."""
+    from moonshot_plugins.core import causal_lm_sample_losses
+    from moonshot_plugins.llmcompressor.base import _CausalLMLosses
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    batch = next(iter(loader))
+    losses = _CausalLMLosses()
+    ours = losses(model, batch)
+    assert losses.chunked is True
+    reference = causal_lm_sample_losses(model(**batch).logits, batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(ours, reference)
+
+    class ScaledHead(torch.nn.Module):  # logits = 2 * head(hidden): not separable
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.logits = 2 * out.logits
+            return out
+
+    wrapped = ScaledHead(model)
+    wrapped.base_model = model.model
+    wrapped.get_output_embeddings = model.get_output_embeddings
+    losses = _CausalLMLosses()
+    losses(wrapped, batch)
+    assert losses.chunked is False

@@ -7,7 +7,9 @@ their hosts' state into these tensor functions.
 from moonshot_plugins.core.fisher import (
     FISHER_MODES,
     FisherCollector,
+    activation_checkpointing,
     causal_lm_sample_losses,
+    chunked_causal_lm_sample_losses,
     frozen_parameters,
     layer_inputs,
     layer_output_grads,
@@ -26,7 +28,9 @@ from moonshot_plugins.core.sparsify import moonshot_wanda_scores, row_wise_mask
 __all__ = [
     "FISHER_MODES",
     "FisherCollector",
+    "activation_checkpointing",
     "causal_lm_sample_losses",
+    "chunked_causal_lm_sample_losses",
     "frozen_parameters",
     "layer_inputs",
     "layer_output_grads",

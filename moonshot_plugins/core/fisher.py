@@ -75,7 +75,9 @@ __all__ = [
     "layer_inputs",
     "layer_output_grads",
     "causal_lm_sample_losses",
+    "chunked_causal_lm_sample_losses",
     "run_gradient_pass",
+    "activation_checkpointing",
     "standardized_weight",
     "restore_weight",
     "is_norm_layer",
@@ -276,6 +278,10 @@ class FisherCollector:
                 x = _normalized_input(module, args[0].detach())
             else:
                 x = self._inputs(module, args[0].detach())
+                if self.keep_token_weights and not (self.matrix or self.diagonal):
+                    # two numbers per position are all token weights need:
+                    # holding them instead of x until backward saves memory
+                    x = _position_summary(x)
             if not output.requires_grad:
                 # With frozen weights, the first layers' inputs carry no grad;
                 # making the output a leaf lets the gradient reach it.
@@ -320,7 +326,9 @@ class FisherCollector:
         d = layer_output_grads(module, g).to(FISHER_PRECISION)
         self.num_samples[name] += x.shape[0]
         if self.keep_token_weights:
-            self._keep_token_weights(name, x, d)
+            if not (self.matrix or self.diagonal):
+                return self._keep_token_weights(name, x, d)  # x is the summary
+            self._keep_token_weights(name, _position_summary(x), d)
         groups = _groups(module)
         if groups != 1:  # diagonal only (checked in __init__)
             b, t = x.shape[:2]
@@ -347,15 +355,16 @@ class FisherCollector:
             if self.diagonal:
                 self._add(self._diag_acc, name, grads.square().sum(dim=0))
 
-    def _keep_token_weights(self, name: str, x: torch.Tensor, d: torch.Tensor) -> None:
+    def _keep_token_weights(self, name: str, summary: torch.Tensor, d: torch.Tensor) -> None:
+        """``summary``: (B, T, 2) from :func:`_position_summary`."""
         weights = d.square().sum(dim=-1) / d.shape[-1]  # (B, T)
-        energy = x.square().sum(dim=-1)  # (B, T)
+        energy, sums = summary.to(FISHER_PRECISION).unbind(-1)  # (B, T) each
         update = torch.stack([energy.sum(), (weights * energy).sum()]).double()
         self._add(self._energies, name, update.cpu())
         self._token_weights[name].extend(weights.cpu().unbind(0))
         # per-position input sums identify a sample when a later pass sees the
         # samples in another order (a shuffling dataloader)
-        self._input_sums[name].extend(x.sum(dim=-1).cpu().unbind(0))
+        self._input_sums[name].extend(sums.cpu().unbind(0))
 
     def _accumulate_norm(
         self, name: str, module: nn.Module, xhat: torch.Tensor, g: torch.Tensor
@@ -465,6 +474,12 @@ class FisherCollector:
         return matrix, diagonal
 
 
+def _position_summary(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, d_in) -> (B, T, 2) fp32: ||x_t||^2 and sum(x_t) of every position."""
+    x = x.to(FISHER_PRECISION)
+    return torch.stack([x.square().sum(dim=-1), x.sum(dim=-1)], dim=-1)
+
+
 def _groups(module: nn.Module) -> int:
     return module.groups if isinstance(module, nn.Conv2d) else 1
 
@@ -536,6 +551,50 @@ def causal_lm_sample_losses(
     return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
+def chunked_causal_lm_sample_losses(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    chunk_size: int = 128,
+) -> torch.Tensor:
+    """:func:`causal_lm_sample_losses` of ``head(hidden)`` without holding the
+    logits: each chunk of positions runs the head and the cross-entropy under
+    activation checkpointing, so at most ``chunk_size`` positions of logits
+    (B x chunk x vocab) exist at once, in forward and in backward.
+
+    :param hidden: final hidden states (B, T, d_model)
+    :param head: hidden -> logits (the output embedding)
+    :return: mean next-token NLL of each sample, (B,)
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    targets = input_ids[:, 1:]
+    mask = (
+        torch.ones_like(targets, dtype=torch.float32)
+        if attention_mask is None
+        else attention_mask[:, 1:].float()
+    )
+
+    def chunk_nll(h: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        nll = F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="none")
+        return (nll.view(t.shape) * m).sum(dim=1)
+
+    total = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+    positions = targets.shape[1]
+    for start in range(0, positions, chunk_size):
+        stop = min(start + chunk_size, positions)
+        total = total + checkpoint(
+            chunk_nll,
+            hidden[:, start:stop],
+            targets[:, start:stop],
+            mask[:, start:stop],
+            use_reentrant=False,
+        )
+    return total / mask.sum(dim=1).clamp(min=1)
+
+
 @contextmanager
 def frozen_parameters(model: nn.Module) -> Iterator[None]:
     """Temporarily set requires_grad=False on every parameter (restored after)."""
@@ -557,6 +616,56 @@ def _batch_size(batch: Any) -> int:
     return next(v for v in items if isinstance(v, torch.Tensor)).shape[0]
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by the allocator back to the OS (glibc ``malloc_trim``).
+
+    A backward pass frees hundreds of MB of activations of many sizes; glibc
+    keeps much of it in fragmented heap, so the process RSS ratchets up batch
+    after batch. Trimming after each batch keeps the peak near one batch's
+    worth, for a few ms. A no-op where glibc is not the allocator.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+@contextmanager
+def activation_checkpointing(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Run each module under non-reentrant activation checkpointing: its
+    internal activations are recomputed in backward instead of kept, so a
+    gradient pass holds about one block's activations instead of all of them
+    (one extra forward of the blocks). Hooks inside still see every forward;
+    gradients flow through the original forward's outputs only, so tensor
+    hooks registered during the recomputation never fire."""
+    from torch.utils.checkpoint import checkpoint
+
+    patched = []
+    try:
+        for module in modules:
+            own = module.__dict__.get("forward")  # e.g. an offloading wrapper
+            module.forward = partial(checkpoint, module.forward, use_reentrant=False)
+            patched.append((module, own))
+        yield
+    finally:
+        for module, own in patched:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+
+
 def run_gradient_pass(
     model: nn.Module,
     batches: Iterable[Any],
@@ -565,6 +674,7 @@ def run_gradient_pass(
     max_samples: int | None = None,
     desc: str = "MOONSHOT gradient pass",
     autocast_dtype: torch.dtype | None = None,
+    checkpoint_modules: Iterable[nn.Module] = (),
 ) -> int:
     """One forward and one activation-only backward per batch, feeding ``collector``.
 
@@ -576,6 +686,8 @@ def run_gradient_pass(
     :param autocast_dtype: run the forward/backward matmuls under autocast in
         this dtype (e.g. torch.bfloat16: about 4x faster on CPUs with
         AVX512-BF16); the Fisher accumulators stay fp32. None = model dtype.
+    :param checkpoint_modules: blocks (e.g. decoder layers) to run under
+        :func:`activation_checkpointing`; same statistics, less memory
     :return: number of samples used
     """
     used = 0
@@ -589,7 +701,13 @@ def run_gradient_pass(
         device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
     )
     try:
-        with frozen_parameters(model), collector, torch.enable_grad(), autocast:
+        with (
+            frozen_parameters(model),
+            activation_checkpointing(checkpoint_modules),
+            collector,
+            torch.enable_grad(),
+            autocast,
+        ):
             for batch in tqdm(batches, desc=desc, total=total, leave=False):
                 size = _batch_size(batch)
                 if max_samples is not None:
@@ -600,6 +718,8 @@ def run_gradient_pass(
                         size = max_samples - used
                 losses = sample_losses(model, batch)
                 losses.sum().backward()
+                del losses
+                release_freed_memory()
                 used += size
     finally:
         model.train(was_training)
