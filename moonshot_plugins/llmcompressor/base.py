@@ -226,9 +226,11 @@ class MoonshotFields(BaseModel):
                     max_samples=self.fisher_samples,
                     desc=f"{type(self).__name__} gradient pass",
                     autocast_dtype=GRADIENT_DTYPES[self.gradient_dtype],
-                    # the host's sequential blocks (decoder layers): recomputing
-                    # their activations keeps the pass's peak memory near the host's
-                    checkpoint_modules=list(self._target_layers.values()),
+                    # recomputing the decoder blocks' activations keeps the
+                    # pass's peak memory near the host's own
+                    checkpoint_modules=[
+                        block for _, block in match_named_modules(model, self._sequential_targets)
+                    ],
                 )
         finally:
             if device != original_device:
