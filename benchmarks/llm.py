@@ -41,29 +41,40 @@ def _run(method: str, sparsity: str, host: str | None = None, lam: float | None 
     return {"method": method, "sparsity": sparsity, "host": host, "lam": lam, "fisher_mode": fisher_mode}
 
 
-def make_plan(plan: str) -> list[dict[str, Any]]:
-    """Runs in order; host and MOONSHOT runs of one setting stay adjacent."""
+PLANS = ("all", "2of4", "unstructured", "core", "sweep")
+
+
+def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
+              hosts: tuple[str, ...] = ("sparsegpt", "wanda")) -> list[dict[str, Any]]:
+    """Runs in order; host and MOONSHOT runs of one setting stay adjacent.
+
+    ``core`` is the part the targets need (host, MOONSHOT token, Taylor-only);
+    ``all`` adds sample mode and magnitude; ``sweep`` the lam sweep at 2:4 and
+    60%. ``sparsities`` / ``hosts`` restrict any plan.
+    """
+    if plan not in PLANS:
+        raise SystemExit(f"--plan must be one of {', '.join(PLANS)}; got {plan!r}")
     runs: list[dict[str, Any]] = [_run("dense", "0")]
-    sparsities = {"all": SPARSITIES, "2of4": ("2:4",), "unstructured": SPARSITIES[1:]}.get(plan, SPARSITIES)
-    if plan in ("all", "2of4", "unstructured"):
-        for sp in sparsities:
-            # the headline pairs first, so a partial run still answers the main question
-            for host in ("sparsegpt", "wanda"):
-                runs.append(_run("host", sp, host))
-                runs.append(_run("moonshot", sp, host, DEFAULT_LAM, "token"))
-            for host in ("sparsegpt", "wanda"):
+    main = {"all": SPARSITIES, "2of4": ("2:4",), "unstructured": SPARSITIES[1:],
+            "core": SPARSITIES}.get(plan, ())
+    for sp in (s for s in main if s in sparsities):
+        # the headline pairs first, so a partial run still answers the main question
+        for host in hosts:
+            runs.append(_run("host", sp, host))
+            runs.append(_run("moonshot", sp, host, DEFAULT_LAM, "token"))
+        for host in hosts:
+            if plan != "core":
                 runs.append(_run("moonshot", sp, host, DEFAULT_LAM, "sample"))
-                runs.append(_run("moonshot", sp, host, 1.0, "token"))  # Taylor-only
+            runs.append(_run("moonshot", sp, host, 1.0, "token"))  # Taylor-only
+        if plan != "core":
             runs.append(_run("magnitude", sp))
     if plan in ("all", "sweep"):
-        for sp in ("2:4", "0.6"):
-            for host in ("sparsegpt", "wanda"):
+        for sp in (s for s in ("2:4", "0.6") if s in sparsities):
+            for host in hosts:
                 for lam in LAM_SWEEP:
-                    if lam in (0.0, DEFAULT_LAM, 1.0) and plan == "all":
-                        continue  # already in the main table (lam=0 is the host)
+                    if lam == 0.0:
+                        continue  # lam=0 is the host (bitwise; tested), already a row
                     runs.append(_run("moonshot", sp, host, lam, "token"))
-    if plan not in ("all", "2of4", "unstructured", "sweep"):
-        raise SystemExit(f"--plan must be one of all, 2of4, unstructured, sweep; got {plan!r}")
     return runs
 
 
@@ -175,7 +186,9 @@ def machine_description() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.llm", description=__doc__.splitlines()[0])
-    parser.add_argument("--plan", default="all", help="all | 2of4 | unstructured | sweep")
+    parser.add_argument("--plan", default="all", help=" | ".join(PLANS))
+    parser.add_argument("--sparsity", action="append", help="restrict to these sparsities (repeatable): " + ", ".join(SPARSITIES))
+    parser.add_argument("--host", action="append", choices=("sparsegpt", "wanda"), help="restrict to these hosts (repeatable)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=16384)
@@ -201,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.report_only:
         done = {run_key({k: r[k] for k in ("method", "sparsity", "host", "lam", "fisher_mode")}, doc["settings"]) for r in doc["runs"]}
-        plan = [r for r in make_plan(args.plan) if run_key(r, settings) not in done]
+        full_plan = make_plan(args.plan, tuple(args.sparsity or SPARSITIES), tuple(args.host or ("sparsegpt", "wanda")))
+        plan = [r for r in full_plan if run_key(r, settings) not in done]
         if doc["settings"] != settings and doc["runs"]:
             raise SystemExit(f"{output} holds runs with settings {doc['settings']}; use another --output")
         for index, run in enumerate(plan, 1):
