@@ -292,14 +292,17 @@ class MoonshotFields(BaseModel):
         if index in self._sample_of:
             return self._sample_of[index]
         found = x.float().sum(dim=-1).cpu()
+        fingerprints = self._fingerprints[module]
         claimed = set(self._sample_of.values())
+        candidates = [
+            c for c, fp in enumerate(fingerprints) if c not in claimed and fp.shape == found.shape
+        ]
         best, best_distance = None, float("inf")
-        for candidate, fingerprint in enumerate(self._fingerprints[module]):
-            if candidate in claimed or fingerprint.shape != found.shape:
-                continue
-            distance = ((fingerprint - found).norm() / fingerprint.norm().clamp(min=1e-12)).item()
-            if distance < best_distance:
-                best, best_distance = candidate, distance
+        if candidates:
+            stacked = torch.stack([fingerprints[c] for c in candidates])
+            distances = (stacked - found).norm(dim=1) / stacked.norm(dim=1).clamp(min=1e-12)
+            nearest = int(distances.argmin())
+            best, best_distance = candidates[nearest], distances[nearest].item()
         # identical inputs differ by rounding only (bf16 autocast at most);
         # different text differs by O(1)
         if best_distance > 0.05:
