@@ -242,12 +242,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _code_version() -> str:
-    """The commit the run measured, with "+dirty" when the tree had changes."""
+    """The commit the run measured, "+dirty" when the measured code (the package
+    or this file) had uncommitted changes."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "moonshot_plugins", "benchmarks/llm.py")
+    return commit + ("+dirty" if changed else "")
 
 
 def _settings_args(settings: dict[str, Any]) -> list[str]:
