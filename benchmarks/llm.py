@@ -36,7 +36,7 @@ SPARSITIES = ("2:4", "0.5", "0.6", "0.7")
 LAM_SWEEP = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
-def _run(method: str, sparsity: str, host: str | None = None, lam: float | None = None,
+def _run(method: str, sparsity: str, host: str | None = None, lam: float | str | None = None,
          fisher_mode: str = "token") -> dict[str, Any]:
     return {"method": method, "sparsity": sparsity, "host": host, "lam": lam, "fisher_mode": fisher_mode}
 
@@ -66,6 +66,8 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
             if plan != "core":
                 runs.append(_run("moonshot", sp, host, DEFAULT_LAM, "sample"))
             runs.append(_run("moonshot", sp, host, 1.0, "token"))  # Taylor-only
+            if host == "sparsegpt":
+                runs.append(_run("moonshot", sp, host, "auto", "token"))  # per-layer rule
         if plan != "core":
             runs.append(_run("magnitude", sp))
     if plan in ("all", "sweep"):

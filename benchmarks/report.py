@@ -62,6 +62,15 @@ def _targets(runs: list[dict[str, Any]], default_lam: float, unpaired: list[str]
                     verdict = "met" if ratio <= 1.0 else "missed"
                     lines.append(f"| {sp} {host} vs min(host, Taylor-only), {text} | <= 1.0 | {ratio:.3f} | {verdict} |")
     for sp in ("2:4", "0.5", "0.6", "0.7"):
+        base = _find(runs, method="host", host="sparsegpt", sparsity=sp)
+        fixed = _find(runs, method="moonshot", host="sparsegpt", sparsity=sp, lam=default_lam, fisher_mode="token")
+        auto = _find(runs, method="moonshot", host="sparsegpt", sparsity=sp, lam="auto")
+        if base and auto:
+            for text in TEXTS:
+                ratio = auto[f"ppl_{text}"] / base[f"ppl_{text}"]
+                versus = f", fixed lam={default_lam}: {fixed[f'ppl_{text}'] / base[f'ppl_{text}']:.3f}" if fixed else ""
+                lines.append(f"| {sp} sparsegpt taylor_weight=auto vs host, {text} | (rule) | {ratio:.3f}{versus} | informative |")
+    for sp in ("2:4", "0.5", "0.6", "0.7"):
         for host in ("sparsegpt", "wanda"):
             base = _find(runs, method="host", host=host, sparsity=sp)
             ours = _find(runs, method="moonshot", host=host, sparsity=sp, lam=default_lam, fisher_mode="token")
@@ -89,7 +98,8 @@ def _plots(runs: list[dict[str, Any]], stem: str) -> list[str]:
             pts = sorted(
                 (r["lam"], r["ppl_persuasion"])
                 for r in runs
-                if r["method"] == "moonshot" and r["host"] == host and r["sparsity"] == sp and r["fisher_mode"] == "token"
+                if r["method"] == "moonshot" and r["host"] == host and r["sparsity"] == sp
+                and r["fisher_mode"] == "token" and r["lam"] != "auto"
             )
             base = _find(runs, method="host", host=host, sparsity=sp)
             if base:

@@ -48,11 +48,11 @@ def _mask_settings(structure: str) -> dict[str, Any]:
     return {"sparsity": value, "mask_structure": "0:0"}
 
 
-def _taylor_weight(text: str) -> float:
+def _taylor_weight(text: str) -> float | str:
     from moonshot_plugins.core import validate_taylor_weight
 
     try:
-        return validate_taylor_weight(float(text))
+        return validate_taylor_weight(text, allow_auto=True)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -143,7 +143,7 @@ def _add_demo(subparsers) -> None:
     )
     parser.add_argument("--host", choices=sorted(HOSTS), default="sparsegpt")
     parser.add_argument("--sparsity", type=_mask_settings, default="2:4", help="N:M (default 2:4) or a fraction")
-    parser.add_argument("--taylor-weight", type=_taylor_weight, default=0.5, help="lam in [0, 1] (default 0.5)")
+    parser.add_argument("--taylor-weight", type=_taylor_weight, default=0.5, help="lam in [0, 1] (default 0.5), or 'auto' (SparseGPT, token mode: per-layer lam)")
     parser.add_argument("--fisher-mode", choices=FISHER_MODES, default="token")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)

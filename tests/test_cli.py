@@ -46,7 +46,7 @@ def test_prune_from_datasets_dir(tiny_llama_dir, tmp_path):
     [
         (["demo", "--sparsity", "4:2"], "--sparsity must be N:M"),
         (["demo", "--sparsity", "1.5"], "--sparsity must be N:M"),
-        (["demo", "--taylor-weight", "2"], r"taylor_weight must be in \[0, 1\]"),
+        (["demo", "--taylor-weight", "2"], r"taylor_weight must be a number in \[0, 1\] or 'auto'"),
         (["demo", "--fisher-mode", "batch"], "invalid choice: 'batch'"),
         (["demo", "--host", "obc"], "invalid choice: 'obc'"),
     ],

@@ -76,8 +76,9 @@ def test_fisher_samples_changes_result(tiny_llama_dir, loader):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("taylor_weight", 1.5, r"taylor_weight must be in \[0, 1\]"),
-        ("taylor_weight", -0.1, r"taylor_weight must be in \[0, 1\]"),
+        ("taylor_weight", 1.5, r"taylor_weight must be a number in \[0, 1\] or 'auto'"),
+        ("taylor_weight", -0.1, r"taylor_weight must be a number in \[0, 1\] or 'auto'"),
+        ("taylor_weight", "half", r"taylor_weight must be a number in \[0, 1\] or 'auto'"),
         ("fisher_mode", "batch", r"fisher_mode must be one of \['sample', 'token'\]"),
         ("fisher_samples", 0, r"fisher_samples must be a positive integer"),
         ("fisher_samples", -3, r"fisher_samples must be a positive integer"),
@@ -263,3 +264,46 @@ def test_gradient_pass_losses_split_the_head_only_when_exact(tiny_llama_dir, loa
     losses = _CausalLMLosses()
     losses(wrapped, batch)
     assert losses.chunked is False
+
+
+def test_auto_taylor_weight_picks_a_lam_per_layer(tiny_llama_dir, loader):
+    from llmcompressor.recipe import Recipe
+
+    (modifier,) = Recipe.create_instance(
+        """
+        sparsity_stage:
+          sparsity_modifiers:
+            MoonshotSparseGPTModifier:
+              sparsity: 0.5
+              mask_structure: "2:4"
+              taylor_weight: auto
+              ignore: ["re:.*lm_head"]
+        """
+    ).modifiers
+    assert modifier.taylor_weight == "auto"
+    lams = {}
+    compress = MoonshotSparseGPTModifier.compress_modules
+
+    def spy(self):
+        lams.update({self._module_names[m]: self._layer_taylor_weight[m] for m in self._num_samples})
+        return compress(self)
+
+    MoonshotSparseGPTModifier.compress_modules = spy
+    try:
+        auto = prune(tiny_llama_dir, modifier, loader)
+    finally:
+        MoonshotSparseGPTModifier.compress_modules = compress
+    assert len(lams) == 14 and all(0.0 <= lam <= 1.0 for lam in lams.values())
+    assert len(set(lams.values())) > 1  # really per layer
+    host = prune(tiny_llama_dir, SparseGPTModifier(**COMMON), loader)
+    assert any(not torch.equal(auto[k], host[k]) for k in linear_weights(host))
+
+
+@pytest.mark.parametrize(
+    "cls, extra",
+    [(MoonshotWandaModifier, {}), (MoonshotSparseGPTModifier, {"fisher_mode": "sample"})],
+    ids=["wanda", "sparsegpt-sample"],
+)
+def test_auto_taylor_weight_only_where_defined(cls, extra):
+    with pytest.raises(ValidationError, match="taylor_weight='auto' is available for MoonshotSparseGPTModifier"):
+        cls(**COMMON, taylor_weight="auto", **extra)

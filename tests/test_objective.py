@@ -86,3 +86,27 @@ def test_row_wise_mask_structure():
     assert (pruned_max <= kept_min).all()
     mask = row_wise_mask(scores, 0.25, 0, 0)
     assert torch.equal(mask.sum(1), torch.full((5,), 3))
+
+
+def test_auto_taylor_weight_keeps_half_the_effective_samples():
+    from moonshot_plugins.core import auto_taylor_weight, token_objective_weights
+
+    torch.manual_seed(0)
+    weights = torch.distributions.LogNormal(0.0, 1.5).sample((4000,))
+    energy, weighted = 3.0, 2.0
+
+    def ess(lam):
+        c = token_objective_weights(weights, energy, weighted, lam).double()
+        return (c.sum() ** 2 / (c.numel() * (c**2).sum())).item()
+
+    for tau in (0.5, 0.8):
+        lam = auto_taylor_weight(weights, energy, weighted, tau)
+        assert 0.0 < lam < 1.0
+        assert ess(lam) == pytest.approx(tau, rel=1e-6)
+        # brute force: the largest lam on a fine grid with ESS >= tau
+        grid = [i / 2000 for i in range(2001)]
+        assert max(l for l in grid if ess(l) >= tau) == pytest.approx(lam, abs=1e-3)
+    assert auto_taylor_weight(torch.ones(50), 1.0, 1.0) == 1.0  # uniform weights: Taylor only
+    assert auto_taylor_weight(torch.zeros(50), 1.0, 0.0) == 0.0  # no gradient: reconstruction only
+    with pytest.raises(ValueError, match="min_effective_fraction"):
+        auto_taylor_weight(weights, energy, weighted, 0.0)

@@ -17,6 +17,8 @@ from moonshot_plugins.core.fisher import (
     validate_fisher_mode,
 )
 from moonshot_plugins.core.objective import (
+    AUTO,
+    auto_taylor_weight,
     combine_diagonal,
     combine_hessians,
     mean_diagonal,
@@ -36,6 +38,8 @@ __all__ = [
     "layer_output_grads",
     "run_gradient_pass",
     "validate_fisher_mode",
+    "AUTO",
+    "auto_taylor_weight",
     "combine_diagonal",
     "combine_hessians",
     "mean_diagonal",

@@ -20,14 +20,26 @@ __all__ = [
     "combine_hessians",
     "combine_diagonal",
     "token_objective_weights",
+    "auto_taylor_weight",
+    "AUTO",
 ]
 
 
-def validate_taylor_weight(taylor_weight: float) -> float:
-    """Return ``taylor_weight`` as float, or raise naming the allowed range."""
-    value = float(taylor_weight)
+AUTO = "auto"
+
+
+def validate_taylor_weight(taylor_weight: float | str, allow_auto: bool = False) -> float | str:
+    """Return ``taylor_weight`` as float (or "auto" where allowed), or raise
+    naming the allowed values."""
+    if allow_auto and taylor_weight == AUTO:
+        return AUTO
+    allowed = "a number in [0, 1] or 'auto'" if allow_auto else "in [0, 1]"
+    try:
+        value = float(taylor_weight)
+    except (TypeError, ValueError):
+        raise ValueError(f"taylor_weight must be {allowed}, got {taylor_weight!r}") from None
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"taylor_weight must be in [0, 1], got {taylor_weight!r}")
+        raise ValueError(f"taylor_weight must be {allowed}, got {taylor_weight!r}")
     return value
 
 
@@ -127,3 +139,40 @@ def token_objective_weights(
         raise ValueError(f"fisher_fraction must be in (0, 1], got {fisher_fraction}")
     scale = energy / weighted_energy if weighted_energy > 0 else 0.0
     return (1.0 - lam) + (lam * scale / fisher_fraction) * token_weights.float()
+
+
+def auto_taylor_weight(
+    token_weights: torch.Tensor,
+    energy: float,
+    weighted_energy: float,
+    min_effective_fraction: float = 0.5,
+) -> float:
+    """The largest lam whose token weights c_t keep an effective sample size of
+    at least ``min_effective_fraction`` of the positions (``taylor_weight: auto``).
+
+    c_t = (1 - lam) + lam r_t with r_t = (A/B) w_t (:func:`token_objective_weights`).
+    The Fisher weights of a layer are heavy-tailed: a few positions can carry most
+    of ||d||^2, and a Hessian dominated by a few positions is a noisy estimate
+    from the calibration set. The effective sample size (sum c)^2 / (n sum c^2)
+    falls from 1 (lam = 0) as lam grows; with m = mean(r) - 1, v = var(r),
+    ESS >= tau  <=>  lam (sqrt(v) - k m) <= k,  k = sqrt((1 - tau) / tau),
+    so lam* = min(1, k / (sqrt(v) - k m)) (1 where the left side never binds).
+    Layers whose Fisher weights are nearly uniform get lam near 1; layers where a
+    few positions dominate get a small lam. tau = 0.5 (variance inflation at most
+    2x) is the default, fixed a priori, not fitted to any evaluation.
+
+    :param token_weights: w_t of every calibration position of the layer, any shape
+    :param energy: A; :param weighted_energy: B (see :func:`token_objective_weights`)
+    :param min_effective_fraction: tau in (0, 1]
+    :return: lam in [0, 1]
+    """
+    if not 0.0 < min_effective_fraction <= 1.0:
+        raise ValueError(f"min_effective_fraction must be in (0, 1], got {min_effective_fraction}")
+    if weighted_energy <= 0:
+        return 0.0  # no gradient reached the layer: reconstruction only
+    r = token_weights.double().flatten() * (energy / weighted_energy)
+    m = r.mean().item() - 1.0
+    v = r.var(unbiased=False).item()
+    k = ((1.0 - min_effective_fraction) / min_effective_fraction) ** 0.5
+    slope = v**0.5 - k * m
+    return 1.0 if slope <= k else k / slope

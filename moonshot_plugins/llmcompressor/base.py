@@ -20,7 +20,7 @@ from compressed_tensors.utils import (
     update_offload_parameter,
 )
 from loguru import logger
-from pydantic import BaseModel, PrivateAttr, field_validator
+from pydantic import BaseModel, PrivateAttr, field_validator, model_validator
 
 from llmcompressor.core import State
 from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
@@ -31,7 +31,9 @@ from llmcompressor.utils.dev import get_main_device
 from llmcompressor.utils.metric_logging import CompressionLogger
 
 from moonshot_plugins.core import (
+    AUTO,
     FisherCollector,
+    auto_taylor_weight,
     causal_lm_sample_losses,
     chunked_causal_lm_sample_losses,
     combine_diagonal,
@@ -121,7 +123,10 @@ class MoonshotFields(BaseModel):
     """Fields and the gradient pass shared by both MOONSHOT modifiers.
 
     :param taylor_weight: lam in [0, 1], weight of the Taylor (Fisher) term;
-        0 reproduces the host exactly, 1 is Taylor-only
+        0 reproduces the host exactly, 1 is Taylor-only. "auto" (SparseGPT,
+        token mode): per layer, the largest lam that keeps the effective sample
+        size of the reweighted positions at half of them
+        (:func:`moonshot_plugins.core.auto_taylor_weight`)
     :param fisher_mode: "token" (each position a rank-one sample, same cost as
         X^T X) or "sample" (per-sample gradient outer products)
     :param fisher_samples: calibration samples fed to the gradient pass
@@ -132,7 +137,7 @@ class MoonshotFields(BaseModel):
         AVX512-BF16 and on GPUs; the Fisher is always accumulated in fp32.
     """
 
-    taylor_weight: float = 0.5
+    taylor_weight: float | str = 0.5
     fisher_mode: str = "token"
     fisher_samples: int | None = None
     offload_fisher: bool = False
@@ -147,11 +152,22 @@ class MoonshotFields(BaseModel):
     _fingerprints: dict[torch.nn.Module, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
     _sample_of: dict[int, int | None] = PrivateAttr(default_factory=dict)
     _fisher_fraction: float = PrivateAttr(default=1.0)
+    _layer_taylor_weight: dict[torch.nn.Module, float] = PrivateAttr(default_factory=dict)
 
     @field_validator("taylor_weight", mode="before")
     @classmethod
-    def _check_taylor_weight(cls, value: Any) -> float:
-        return validate_taylor_weight(value)
+    def _check_taylor_weight(cls, value: Any) -> float | str:
+        return validate_taylor_weight(value, allow_auto=True)
+
+    @model_validator(mode="after")
+    def _check_auto_is_supported(self):
+        if self.taylor_weight == AUTO and self._fisher_statistic() != "token_weights":
+            raise ValueError(
+                f"taylor_weight='auto' is available for MoonshotSparseGPTModifier with "
+                f"fisher_mode='token'; {type(self).__name__} with fisher_mode="
+                f"{self.fisher_mode!r} needs a number in [0, 1]"
+            )
+        return self
 
     @field_validator("fisher_mode")
     @classmethod
@@ -246,6 +262,19 @@ class MoonshotFields(BaseModel):
                 self._token_energies[module] = collector.token_energies(name)
                 self._token_weights[module] = collector.token_weights(name)
                 self._fingerprints[module] = collector.input_sums(name)
+                self._layer_taylor_weight[module] = (
+                    auto_taylor_weight(
+                        torch.cat(self._token_weights[module]), *self._token_energies[module]
+                    )
+                    if self.taylor_weight == AUTO
+                    else self.taylor_weight
+                )
+            if self.taylor_weight == AUTO:
+                lams = torch.tensor(list(self._layer_taylor_weight.values()))
+                logger.info(
+                    f"MOONSHOT taylor_weight=auto: per-layer lam min {lams.min():.3f}, "
+                    f"median {lams.median():.3f}, max {lams.max():.3f}"
+                )
             return
         for name, module in modules.items():
             matrix, diagonal = collector.pop(name)
@@ -266,8 +295,9 @@ class MoonshotFields(BaseModel):
         becomes (1-lam) H_rec + lam (s_rec/s_F) F_token (see
         :func:`token_objective_weights`)."""
         seen = self._num_samples.get(module, 0)  # samples the host already holds
+        lam = self._layer_taylor_weight[module]
         x = layer_inputs(module, inp)
-        scale = torch.full(x.shape[:2], 1.0 - self.taylor_weight, dtype=torch.float32)
+        scale = torch.full(x.shape[:2], 1.0 - lam, dtype=torch.float32)
         for k in range(x.shape[0]):
             index = self._gradient_sample(module, seen + k, x[k])
             if index is None:
@@ -275,7 +305,7 @@ class MoonshotFields(BaseModel):
             scale[k] = token_objective_weights(
                 self._token_weights[module][index],
                 *self._token_energies[module],
-                self.taylor_weight,
+                lam,
                 self._fisher_fraction,
             )
         root = scale.sqrt().to(device=x.device, dtype=x.dtype).unsqueeze(-1)
@@ -317,7 +347,7 @@ class MoonshotFields(BaseModel):
         return best
 
     def _moonshot_initialize(self, state: State) -> None:
-        if self.taylor_weight > 0.0:
+        if self.taylor_weight != 0.0:  # a number > 0 or "auto"
             self._collect_fisher(state.model, state.data.calib)
 
 
@@ -372,6 +402,7 @@ class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
     def on_finalize(self, state: State, **kwargs) -> bool:
         self._fisher = dict()
         self._token_weights = dict()
+        self._layer_taylor_weight = dict()
         self._fingerprints = dict()
         self._sample_of = dict()
         return super().on_finalize(state, **kwargs)
