@@ -37,11 +37,16 @@ LAM_SWEEP = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
 def _run(method: str, sparsity: str, host: str | None = None, lam: float | str | None = None,
-         fisher_mode: str = "token") -> dict[str, Any]:
-    return {"method": method, "sparsity": sparsity, "host": host, "lam": lam, "fisher_mode": fisher_mode}
+         fisher_mode: str = "token", **options: Any) -> dict[str, Any]:
+    """One run; ``options`` are extra MOONSHOT modifier fields (e.g. fisher_samples)."""
+    run = {"method": method, "sparsity": sparsity, "host": host, "lam": lam, "fisher_mode": fisher_mode}
+    return {**run, "options": options} if options else run
 
 
-PLANS = ("all", "2of4", "unstructured", "core", "sweep")
+RUN_KEYS = ("method", "sparsity", "host", "lam", "fisher_mode", "options")
+PLANS = ("all", "2of4", "unstructured", "core", "sweep", "heldout")
+EVAL_SETS = ("test", "heldout")
+HELDOUT_NOVEL = "mansfieldpark"  # Austen, in neither the calibration nor the evaluation texts
 
 
 def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
@@ -50,11 +55,21 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
 
     ``core`` is the part the targets need (host, MOONSHOT token, Taylor-only);
     ``all`` adds sample mode and magnitude; ``sweep`` the lam sweep at 2:4 and
-    60%. ``sparsities`` / ``hosts`` restrict any plan.
+    60%. ``heldout`` is for ``--eval-set heldout``: the modelling choices
+    (fixed lams, ``auto``, fewer gradient samples) scored on a held-out slice
+    of the calibration side, to choose a default without the evaluation text.
+    ``sparsities`` / ``hosts`` restrict any plan.
     """
     if plan not in PLANS:
         raise SystemExit(f"--plan must be one of {', '.join(PLANS)}; got {plan!r}")
     runs: list[dict[str, Any]] = [_run("dense", "0")]
+    if plan == "heldout":
+        for sp in (s for s in ("2:4", "0.6") if s in sparsities):
+            for host in (h for h in hosts if h == "sparsegpt"):
+                runs.append(_run("host", sp, host))
+                runs += [_run("moonshot", sp, host, lam) for lam in (0.5, "auto", 0.1)]
+                runs.append(_run("moonshot", sp, host, DEFAULT_LAM, fisher_samples=16))
+        return runs
     main = {"all": SPARSITIES, "2of4": ("2:4",), "unstructured": SPARSITIES[1:],
             "core": SPARSITIES}.get(plan, ())
     for sp in (s for s in main if s in sparsities):
@@ -96,19 +111,23 @@ def _data(settings: dict[str, Any]):
 
     model_dir = smollm2_dir()
     cache = cache_dir() / "benchmark-tokens.pt"
-    if cache.exists():
-        ids = torch.load(cache)
-    else:
+    ids = torch.load(cache) if cache.exists() else {}
+    texts = {
+        "calib": lambda novels: "\n".join(novels[n] for n in CALIBRATION_NOVELS),
+        EVALUATION_NOVEL: lambda novels: novels[EVALUATION_NOVEL],
+        f"python-{EVALUATION_DOCS}": lambda novels: python_docs(EVALUATION_DOCS),
+        HELDOUT_NOVEL: lambda novels: novels[HELDOUT_NOVEL],
+    }
+    if set(texts) - set(ids):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         novels = austen_novels()
-        ids = {
-            "calib": tokenize(tokenizer, "\n".join(novels[n] for n in CALIBRATION_NOVELS)),
-            EVALUATION_NOVEL: tokenize(tokenizer, novels[EVALUATION_NOVEL]),
-            f"python-{EVALUATION_DOCS}": tokenize(tokenizer, python_docs(EVALUATION_DOCS)),
-        }
+        ids = {name: ids.get(name) if name in ids else tokenize(tokenizer, text(novels))
+               for name, text in texts.items()}
         torch.save(ids, cache)
     loader = calibration_loader(ids["calib"], settings["calib_samples"], settings["seq_len"])
-    evals = {k: v[: settings["eval_tokens"]] for k, v in ids.items() if k != "calib"}
+    names = [HELDOUT_NOVEL] if settings.get("eval_set") == "heldout" else [
+        EVALUATION_NOVEL, f"python-{EVALUATION_DOCS}"]
+    evals = {k: ids[k][: settings["eval_tokens"]] for k in names}
     return model_dir, loader, evals
 
 
@@ -148,7 +167,7 @@ def run_one(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
         _magnitude(model, _structure(run["sparsity"]))
     elif run["method"] in ("host", "moonshot"):
         lam = run["lam"] if run["method"] == "moonshot" else None
-        extra = {"fisher_mode": run["fisher_mode"]} if lam is not None else {}
+        extra = {"fisher_mode": run["fisher_mode"], **run.get("options", {})} if lam is not None else {}
         recipe = [make_modifier(run["host"], _structure(run["sparsity"]), lam, **extra)]
         model = run_oneshot(model, recipe, loader, shuffle_calibration_samples=False)
     seconds = time.perf_counter() - start
@@ -195,17 +214,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--output", type=pathlib.Path, default=None, help="results JSON (default: benchmarks/results/<date>-<host>.json)")
+    parser.add_argument("--eval-set", default="test", choices=EVAL_SETS,
+                        help="test: Persuasion + Python tutorial (the reported table); heldout: "
+                        f"{HELDOUT_NOVEL} only, for choosing modelling defaults without the test texts")
+    parser.add_argument("--output", type=pathlib.Path, default=None, help="results JSON (default: benchmarks/results/<date>-<host>[-heldout].json)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite docs/results.md from --output")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of one run
     args = parser.parse_args(argv)
     settings = {k: getattr(args, k) for k in ("calib_samples", "seq_len", "eval_tokens", "context")}
+    if args.eval_set != "test":  # absent for the test set, so older result files still resume
+        settings["eval_set"] = args.eval_set
 
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one), settings)), flush=True)
         return 0
 
-    output = args.output or RESULTS_DIR / f"{datetime.date.today()}-{platform.node() or 'cpu'}.json"
+    suffix = "" if args.eval_set == "test" else f"-{args.eval_set}"
+    output = args.output or RESULTS_DIR / f"{datetime.date.today()}-{platform.node() or 'cpu'}{suffix}.json"
     doc = json.loads(output.read_text()) if output.exists() else {
         "command": "python -m benchmarks.llm " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_description(),
@@ -215,13 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     if not args.report_only:
-        done = {run_key({k: r[k] for k in ("method", "sparsity", "host", "lam", "fisher_mode")}, doc["settings"]) for r in doc["runs"]}
+        done = {run_key({k: r[k] for k in RUN_KEYS if k in r}, doc["settings"]) for r in doc["runs"]}
         full_plan = make_plan(args.plan, tuple(args.sparsity or SPARSITIES), tuple(args.host or ("sparsegpt", "wanda")))
         plan = [r for r in full_plan if run_key(r, settings) not in done]
         if doc["settings"] != settings and doc["runs"]:
             raise SystemExit(f"{output} holds runs with settings {doc['settings']}; use another --output")
         for index, run in enumerate(plan, 1):
-            label = f"[{index}/{len(plan)}] {run['method']} {run['host'] or ''} {run['sparsity']} lam={run['lam']} {run['fisher_mode']}"
+            label = (f"[{index}/{len(plan)}] {run['method']} {run['host'] or ''} {run['sparsity']} "
+                     f"lam={run['lam']} {run['fisher_mode']} {run.get('options', '')}")
             print(label, flush=True)
             child = subprocess.run(
                 [sys.executable, "-m", "benchmarks.llm", "--one", json.dumps(run), *_settings_args(settings)],
@@ -237,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(doc, indent=1) + "\n")
             print("   ", {k: round(v, 2) for k, v in result.items() if isinstance(v, float)}, flush=True)
+    if args.eval_set == "heldout":
+        for r in doc["runs"]:
+            print(f"{r['sparsity']:>4} {r['method']:9} {r['host'] or '':9} lam={r['lam']!s:5} "
+                  f"{r.get('options', '')!s:22} ppl {HELDOUT_NOVEL} {r['ppl_' + HELDOUT_NOVEL]:.2f}")
+        return 0
     from benchmarks.report import write_llm_report
 
     write_llm_report(output)
