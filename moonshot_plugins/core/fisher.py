@@ -364,7 +364,8 @@ class FisherCollector:
         self._token_weights[name].extend(weights.cpu().unbind(0))
         # per-position input sums identify a sample when a later pass sees the
         # samples in another order (a shuffling dataloader)
-        self._input_sums[name].extend(sums.cpu().unbind(0))
+        # (contiguous() copies the strided view, so the (B, T, 2) summary is freed)
+        self._input_sums[name].extend(sums.contiguous().cpu().unbind(0))
 
     def _accumulate_norm(
         self, name: str, module: nn.Module, xhat: torch.Tensor, g: torch.Tensor
@@ -538,17 +539,24 @@ def causal_lm_sample_losses(
     Padding (attention_mask == 0) is excluded from both the sum and the count,
     so a padded sample's gradient equals that of the same sample unpadded.
     """
+    targets, mask = _next_token_targets(input_ids, attention_mask)
     shift_logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
     nll = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),
         targets.reshape(-1),
         reduction="none",
     ).view(targets.shape)
-    if attention_mask is None:
-        return nll.mean(dim=1)
-    mask = attention_mask[:, 1:].to(nll.dtype)
     return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def _next_token_targets(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets (B, T-1) and their fp32 weights (1 = counted, 0 = padding)."""
+    targets = input_ids[:, 1:]
+    if attention_mask is None:
+        return targets, torch.ones_like(targets, dtype=torch.float32)
+    return targets, attention_mask[:, 1:].float()
 
 
 def chunked_causal_lm_sample_losses(
@@ -569,12 +577,7 @@ def chunked_causal_lm_sample_losses(
     """
     from torch.utils.checkpoint import checkpoint
 
-    targets = input_ids[:, 1:]
-    mask = (
-        torch.ones_like(targets, dtype=torch.float32)
-        if attention_mask is None
-        else attention_mask[:, 1:].float()
-    )
+    targets, mask = _next_token_targets(input_ids, attention_mask)
 
     def chunk_nll(h: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         logits = head(h).float()

@@ -131,7 +131,9 @@ class MoonshotFields(BaseModel):
         X^T X) or "sample" (per-sample gradient outer products)
     :param fisher_samples: calibration samples fed to the gradient pass
         (None = all of them)
-    :param offload_fisher: keep Fisher accumulators on the CPU
+    :param offload_fisher: keep Fisher accumulators on the CPU (the d_in x d_in
+        and diagonal statistics; SparseGPT's token mode keeps only per-position
+        weights, which always live on the CPU)
     :param gradient_dtype: "bfloat16" (default) or "float32": precision of the
         gradient pass's matmuls (autocast). bf16 is about 4x faster on CPUs with
         AVX512-BF16 and on GPUs; the Fisher is always accumulated in fp32.
