@@ -200,6 +200,23 @@ def test_mix_is_the_weighted_sum_of_the_normalised_objectives():
         assert not torch.allclose(recon, taylor)
 
 
+@pytest.mark.parametrize("objective_scale", ["mean", "median"])
+def test_mix_divides_each_objective_by_its_scale_then_normalises(objective_scale):
+    model, x, y = norm_net()
+    raw = MoonshotImportance(lam=0.5, normalizer=None, objective_scale=objective_scale)
+    raw.accumulate(model, [(x, y)])
+    scaled = MoonshotImportance(lam=0.5, normalizer="mean", objective_scale=objective_scale)
+    scaled.accumulate(model, [(x, y)])
+    for g in groups_of(model, x[:1]):
+        recon, taylor = raw.with_lam(0.0)(g), raw.with_lam(1.0)(g)
+        scale = (lambda t: t.mean()) if objective_scale == "mean" else (lambda t: t.median())
+        expect = 0.3 * recon / scale(recon) + 0.7 * taylor / scale(taylor)
+        torch.testing.assert_close(raw.with_lam(0.7)(g), expect)
+        torch.testing.assert_close(scaled.with_lam(0.7)(g), expect / expect.mean())
+        # lam = 1 is the Taylor term under Torch-Pruning's normaliser, whatever the scale
+        torch.testing.assert_close(scaled.with_lam(1.0)(g), taylor / taylor.mean())
+
+
 def test_statistics_follow_pruned_weights():
     """After one group is pruned, the next group is scored with the dense
     statistics restricted to the weights that remain."""
@@ -229,6 +246,8 @@ def test_bad_input():
     for lam in (-0.1, 1.5, "x"):
         with pytest.raises(ValueError, match=r"lam must be .*\[0, 1\]"):
             MoonshotImportance(lam=lam)
+    with pytest.raises(ValueError, match=r"objective_scale must be one of \['mean', 'median'\]"):
+        MoonshotImportance(objective_scale="max")
     with pytest.raises(ValueError, match=r"recon_scale must be one of \['layer', 'none'\]"):
         MoonshotImportance(recon_scale="global")
     model, x, y = norm_net()

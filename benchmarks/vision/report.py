@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "vision_torch_pruning.json"
+
 BASELINES = ("magnitude", "taylor", "hessian", "hessian_tp_accumulate", "activation")
 TARGET_RATIOS = ("0.3", "0.5")
 
@@ -24,14 +25,31 @@ def _metric(model: str) -> tuple[str, str]:
     return ("agreement", "top-1 agreement with dense (%)") if model == "efficientnet_lite0" else ("top1", "test top-1 (%)")
 
 
+def _moonshot_name(scale: str, lam: float) -> str:
+    return f"{'moonshot' if scale == 'mean' else 'moonshot_median'}_lam{lam:g}"
+
+
+def _default_objective_scale() -> str:
+    """MoonshotImportance's default ``objective_scale`` (chosen on the validation split)."""
+    import inspect
+
+    from moonshot_plugins.torch_pruning import MoonshotImportance
+
+    return inspect.signature(MoonshotImportance).parameters["objective_scale"].default
+
+
 def render(data: dict) -> str:
-    default = f"moonshot_lam{data['default_lam']:g}"
+    default = _moonshot_name(_default_objective_scale(), data["default_lam"])
     lines = []
     targets = []
+    validation = []
     for model, rec in data["models"].items():
         key, label = _metric(model)
         ratios = list(rec["results"])
-        criteria = list(BASELINES) + [f"moonshot_lam{lam:g}" for lam in data["lams"]]
+        criteria = list(BASELINES) + [
+            _moonshot_name(scale, lam) for scale in ("mean", "median") for lam in data["lams"]
+            if scale == "mean" or lam not in (0.0, 1.0)
+        ]
         dense = rec["dense"][key]
         lines.append(f"### {model}: {label}, dense {dense:.2f}")
         lines.append("")
@@ -67,6 +85,9 @@ def render(data: dict) -> str:
         lines.append("")
         for r in ratios:
             res = rec["results"][r]
+            pair = [res.get(_moonshot_name(scale, data["default_lam"]), {}).get(f"val_{key}") for scale in ("mean", "median")]
+            if None not in pair:
+                validation.append(f"| {model} | {float(r):.0%} | {pair[0]:.2f} | {pair[1]:.2f} |")
             best_name = max((c for c in BASELINES if c in res), key=lambda c: res[c][key])
             best, ours = res[best_name][key], res[default][key]
             if key == "agreement":
@@ -77,6 +98,18 @@ def render(data: dict) -> str:
                 ok = ours >= best + 2
                 targets.append(f"- {model} {float(r):.0%}: MOONSHOT {ours:.2f} vs best {best_name} {best:.2f} "
                                f"(target >= best + 2): **{'met' if ok else 'missed'}**")
+    if validation:
+        lines += [
+            f"### Choosing `objective_scale` on the validation split (lam {data['default_lam']:g})",
+            "",
+            "Validation: 5000 Fashion-MNIST training images not used for calibration; for EfficientNet-Lite0, "
+            "other crops of the calibration photos (agreement with dense). Neither is the test set.",
+            "",
+            "| model | ratio | mean | median |",
+            "|---|---|---|---|",
+            *validation,
+            "",
+        ]
     return "\n".join(lines + ["### Targets", ""] + targets) + "\n"
 
 

@@ -18,7 +18,13 @@ Criteria, all from the same calibration samples:
   too as ``hessian_tp_accumulate``;
 * ``activation``: ``ActivationImportance`` over one forward of all samples
   (it keeps the last forward only);
-* ``moonshot_lam<lam>``: ``MoonshotImportance`` (one calibration, every lam).
+* ``moonshot_lam<lam>``: ``MoonshotImportance`` (one calibration, every lam);
+  ``moonshot_median_lam<lam>``: the same with ``objective_scale="median"``.
+
+Every criterion is also scored on a validation split that is neither
+calibration nor test (``val_*`` metrics): 5000 other Fashion-MNIST training
+images; for EfficientNet-Lite0, other crops of the calibration photos. Choices
+between MOONSHOT variants are made on it, never on the test metrics.
 
 Fashion-MNIST: top-1 on the 10k test set; calibration = 512 training images.
 EfficientNet-Lite0: no labelled ImageNet images ship in any package, so it is
@@ -170,7 +176,13 @@ def agreement_and_kl(model, images, dense_logits, batch=32):
     return agree, kl
 
 
-def run_model(name, ratios, lams, calib_n, eval_n, log):
+def moonshot_variant(crit: str) -> tuple[str, float]:
+    """``moonshot[_median]_lam<lam>`` -> (objective_scale, lam)."""
+    head, lam = crit.split("_lam")
+    return ("median" if head.endswith("_median") else "mean"), float(lam)
+
+
+def run_model(name, ratios, lams, calib_n, eval_n, log, objective_scales=("mean", "median")):
     torch.manual_seed(0)
     if name == "efficientnet_lite0":
         from moonshot_plugins.assets import efficientnet_lite0
@@ -178,11 +190,18 @@ def run_model(name, ratios, lams, calib_n, eval_n, log):
         dense = efficientnet_lite0()
         calib_x = skimage_photo_crops(CALIB_PHOTOS, per_photo=max(1, calib_n // len(CALIB_PHOTOS)), seed=0)
         eval_x = skimage_photo_crops(EVAL_PHOTOS, per_photo=max(1, eval_n // len(EVAL_PHOTOS)), seed=1)
+        val_x = skimage_photo_crops(CALIB_PHOTOS, per_photo=max(1, eval_n // len(CALIB_PHOTOS)), seed=2)
         with torch.no_grad():
             calib_y = torch.cat([dense(calib_x[s : s + 32]) for s in range(0, len(calib_x), 32)]).argmax(1)
             dense_eval = torch.cat([dense(eval_x[s : s + 32]) for s in range(0, len(eval_x), 32)])
+            dense_val = torch.cat([dense(val_x[s : s + 32]) for s in range(0, len(val_x), 32)])
         example = calib_x[:1]
-        evaluate = lambda m: dict(zip(("agreement", "kl"), agreement_and_kl(m, eval_x, dense_eval)))  # noqa: E731
+
+        def evaluate(m):
+            agree, kl = agreement_and_kl(m, eval_x, dense_eval)
+            val_agree, val_kl = agreement_and_kl(m, val_x, dense_val)
+            return {"agreement": agree, "kl": kl, "val_agreement": val_agree, "val_kl": val_kl}
+
         record = {"dense": {"agreement": 100.0, "kl": 0.0}, "calib_images": len(calib_x), "eval_images": len(eval_x),
                   "calib_photos": list(CALIB_PHOTOS), "eval_photos": list(EVAL_PHOTOS)}
         calib_batch = 16
@@ -190,10 +209,12 @@ def run_model(name, ratios, lams, calib_n, eval_n, log):
         dense, train_record = load_trained(name)
         train_x, train_y = load_split("train")
         test_x, test_y = load_split("test")
-        perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:calib_n]
-        calib_x, calib_y = train_x[perm], train_y[perm]
+        perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
+        calib_x, calib_y = train_x[perm[:calib_n]], train_y[perm[:calib_n]]
+        val = perm[calib_n : calib_n + 5000]
         example = calib_x[:1]
-        evaluate = lambda m: {"top1": accuracy(m, test_x, test_y)}  # noqa: E731
+        evaluate = lambda m: {"top1": accuracy(m, test_x, test_y),  # noqa: E731
+                              "val_top1": accuracy(m, train_x[val], train_y[val])}
         record = {"dense": evaluate(dense), "training": train_record, "calib_images": calib_n,
                   "eval_images": len(test_x)}
         calib_batch = 64
@@ -210,12 +231,18 @@ def run_model(name, ratios, lams, calib_n, eval_n, log):
     record["baseline_gradients_s"] = round(time.perf_counter() - t0, 1)
 
     results = {}
-    jobs = [(crit, r) for r in ratios for crit in BASELINES] + [(f"moonshot_lam{lam:g}", r) for r in ratios for lam in lams]
+    prefixes = {"mean": "moonshot", "median": "moonshot_median"}
+    jobs = [(crit, r) for r in ratios for crit in BASELINES] + [
+        (f"{prefixes[scale]}_lam{lam:g}", r) for r in ratios for scale in objective_scales for lam in lams
+        if not (scale != "mean" and lam in (0.0, 1.0))  # the scale only matters when mixing
+    ]
     for crit, ratio in tqdm(jobs, desc=f"{name} pruning runs"):
         model = copy.deepcopy(dense)
         t = time.perf_counter()
         if crit.startswith("moonshot"):
-            imp = moonshot.with_lam(float(crit.removeprefix("moonshot_lam")))
+            scale, lam = moonshot_variant(crit)
+            imp = moonshot.with_lam(lam)
+            imp.objective_scale = scale
             imp.attach(model)
         else:
             imp = baseline_importance(crit, model, calib, grads)
@@ -237,6 +264,8 @@ def main() -> None:
     parser.add_argument("--effnet-ratios", nargs="+", type=float, default=[0.05, 0.1, 0.2],
                         help="pruning ratios of EfficientNet-Lite0 (every criterion collapses it at 20%%+)")
     parser.add_argument("--lams", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--objective-scales", nargs="+", default=["mean", "median"], choices=["mean", "median"],
+                        help="MoonshotImportance objective_scale variants to run")
     parser.add_argument("--calib", type=int, default=512, help="Fashion-MNIST calibration images")
     parser.add_argument("--effnet-calib", type=int, default=128)
     parser.add_argument("--effnet-eval", type=int, default=320)
@@ -261,7 +290,8 @@ def main() -> None:
         n_calib = args.effnet_calib if name == "efficientnet_lite0" else args.calib
         ratios = args.effnet_ratios if name == "efficientnet_lite0" else args.ratios
         t_model = time.perf_counter()
-        out["models"][name] = run_model(name, ratios, args.lams, n_calib, args.effnet_eval, tqdm.write)
+        out["models"][name] = run_model(name, ratios, args.lams, n_calib, args.effnet_eval, tqdm.write,
+                                        tuple(args.objective_scales))
         out["models"][name].update(command=out["command"], date=out["date"], machine=out["machine"],
                                    model_wall_s=round(time.perf_counter() - t_model, 1))
         out["wall_s"] = round(time.perf_counter() - start, 1)

@@ -18,12 +18,15 @@ For every channel of a Torch-Pruning group, MOONSHOT scores
   with F the per-sample empirical Fisher diagonal -- Torch-Pruning's
   ``HessianImportance`` term for term (the same layers, the same handlers).
 
-Per-layer terms are reduced over the group and normalised with
-Torch-Pruning's own ``_reduce`` / ``_normalize`` (``group_reduction`` and
-``normalizer`` as in ``GroupMagnitudeImportance``), separately for the two
-objectives, before they are mixed. Hence ``lam=1`` returns exactly what
-``HessianImportance`` returns when its gradients hold the same Fisher, and
-``lam=0`` is the reconstruction criterion alone.
+Per-layer terms are reduced over the group with Torch-Pruning's own
+``_reduce`` (``group_reduction``), separately for the two objectives. Each is
+then divided by its scale over the group's channels (``objective_scale``: the
+mean, or the median -- the typical channel, near where the pruning decision
+is made, rather than the few large channels that no ratio prunes), mixed, and
+the mix is normalised with Torch-Pruning's ``_normalize`` (``normalizer``).
+Hence ``lam=1`` returns exactly what ``HessianImportance`` returns when its
+gradients hold the same Fisher, and ``lam=0`` is the reconstruction criterion
+alone.
 
 The statistics come from one calibration loop (:meth:`MoonshotImportance.calibrate`
 or :meth:`MoonshotImportance.accumulate`): a forward pass feeds the input
@@ -62,8 +65,15 @@ from moonshot_plugins.core import (
 )
 from moonshot_plugins.core.fisher import is_norm_layer
 
-__all__ = ["MoonshotImportance", "RECON_SCALES", "RECON_TERMS", "classification_sample_losses"]
+__all__ = [
+    "MoonshotImportance",
+    "OBJECTIVE_SCALES",
+    "RECON_SCALES",
+    "RECON_TERMS",
+    "classification_sample_losses",
+]
 
+OBJECTIVE_SCALES: tuple[str, ...] = ("mean", "median")
 RECON_SCALES: tuple[str, ...] = ("layer", "none")
 RECON_TERMS: tuple[str, ...] = ("all", "inputs")
 _MAX_EXACT_INDEX = 2**24  # float32 holds every integer below this exactly
@@ -120,7 +130,9 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
 
     :param lam: weight of the Taylor/OBD objective in [0, 1]
     :param group_reduction: Torch-Pruning's reduction over the group's layers
-    :param normalizer: Torch-Pruning's normaliser, applied to each objective
+    :param normalizer: Torch-Pruning's normaliser, applied to the mixed score
+    :param objective_scale: what each objective is divided by before mixing:
+        "mean" or "median" of its channel scores in the group
     :param fisher_mode: "sample" (per-sample gradients, as OBD /
         ``HessianImportance``) or "token" (see :mod:`moonshot_plugins.core.fisher`)
     :param recon_scale: "layer" (each layer's errors relative to its output
@@ -137,6 +149,7 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
         lam: float = 0.5,
         group_reduction: str = "mean",
         normalizer: str = "mean",
+        objective_scale: str = "mean",
         fisher_mode: str = "sample",
         recon_scale: str = "layer",
         recon_terms: str = "all",
@@ -151,6 +164,11 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
             raise ValueError("bias must be False: MOONSHOT scores weights only")
         if recon_terms not in RECON_TERMS:
             raise ValueError(f"recon_terms must be one of {list(RECON_TERMS)}, got {recon_terms!r}")
+        if objective_scale not in OBJECTIVE_SCALES:
+            raise ValueError(
+                f"objective_scale must be one of {list(OBJECTIVE_SCALES)}, got {objective_scale!r}"
+            )
+        self.objective_scale = objective_scale
         self.recon_scale = recon_scale
         self.recon_terms = recon_terms
         self.group_reduction = group_reduction
@@ -366,13 +384,19 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
                     taylor_idxs.append(root_idxs)
         if not recon_imp and not taylor_imp:
             return None  # no prunable weights in this group, as Torch-Pruning does
-        recon = self._normalize(self._reduce(recon_imp, recon_idxs), self.normalizer) if recon_imp else None
-        taylor = self._normalize(self._reduce(taylor_imp, taylor_idxs), self.normalizer) if taylor_imp else None
+        recon = self._reduce(recon_imp, recon_idxs) if recon_imp else None
+        taylor = self._reduce(taylor_imp, taylor_idxs) if taylor_imp else None
         if self.lam == 1.0 or recon is None:
-            return taylor
+            return self._normalize(taylor, self.normalizer)
         if self.lam == 0.0 or taylor is None:
-            return recon
-        return (1.0 - self.lam) * recon + self.lam * taylor
+            return self._normalize(recon, self.normalizer)
+        mix = (1.0 - self.lam) * self._unit_scale(recon) + self.lam * self._unit_scale(taylor)
+        return self._normalize(mix, self.normalizer)
+
+    def _unit_scale(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` over the group's channels divided by their mean or median."""
+        scale = scores.mean() if self.objective_scale == "mean" else scores.median()
+        return scores / scale.clamp(min=torch.finfo(scores.dtype).tiny)
 
     def _taylor(self, name, layer, prune_fn, index, idxs) -> torch.Tensor | None:
         """HessianImportance's local term with h = the Fisher of the remaining weights."""
