@@ -57,8 +57,12 @@ def _taylor_weight(text: str) -> float | str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def make_modifier(host: str, structure: dict[str, Any], taylor_weight: float | None, **extra):
-    """The host modifier (taylor_weight None) or its MOONSHOT version."""
+MODIFIER_DEFAULT = "default"  # make_modifier: the MOONSHOT modifier's own taylor_weight default
+
+
+def make_modifier(host: str, structure: dict[str, Any], taylor_weight: float | str | None, **extra):
+    """The host modifier (taylor_weight None) or its MOONSHOT version
+    (taylor_weight a number, "auto", or MODIFIER_DEFAULT)."""
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     from moonshot_plugins import MoonshotSparseGPTModifier, MoonshotWandaModifier
@@ -68,7 +72,9 @@ def make_modifier(host: str, structure: dict[str, Any], taylor_weight: float | N
         cls = {"sparsegpt": SparseGPTModifier, "wanda": WandaPruningModifier}[host]
         return cls(**common)
     cls = {"sparsegpt": MoonshotSparseGPTModifier, "wanda": MoonshotWandaModifier}[host]
-    return cls(**common, taylor_weight=taylor_weight, **extra)
+    if taylor_weight != MODIFIER_DEFAULT:
+        extra["taylor_weight"] = taylor_weight
+    return cls(**common, **extra)
 
 
 def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -113,8 +119,10 @@ def run_demo(args: argparse.Namespace) -> int:
     rows = [{"method": "dense", "sparsity": "0%", **evaluate(load())}]
     output = pathlib.Path(args.output)
     label = args.sparsity["mask_structure"] if args.sparsity["mask_structure"] != "0:0" else f"{args.sparsity['sparsity']:.0%}"
-    for name, lam in ((HOSTS[args.host], None), (f"MOONSHOT-{HOSTS[args.host]} (lam={args.taylor_weight})", args.taylor_weight)):
+    moonshot_lam = MODIFIER_DEFAULT if args.taylor_weight is None else args.taylor_weight
+    for lam in (None, moonshot_lam):
         recipe = [make_modifier(args.host, args.sparsity, lam, fisher_mode=args.fisher_mode)]
+        name = HOSTS[args.host] if lam is None else f"MOONSHOT-{HOSTS[args.host]} (lam={recipe[0].taylor_weight})"
         # The previous demo output is replaced only once the new one is complete.
         start = time.perf_counter()
         model = run_oneshot(
@@ -143,7 +151,9 @@ def _add_demo(subparsers) -> None:
     )
     parser.add_argument("--host", choices=sorted(HOSTS), default="sparsegpt")
     parser.add_argument("--sparsity", type=_mask_settings, default="2:4", help="N:M (default 2:4) or a fraction")
-    parser.add_argument("--taylor-weight", type=_taylor_weight, default=0.5, help="lam in [0, 1] (default 0.5), or 'auto' (SparseGPT, token mode: per-layer lam)")
+    parser.add_argument("--taylor-weight", type=_taylor_weight, default=None,
+                        help="lam in [0, 1], or 'auto' (SparseGPT, token mode: a lam per layer); "
+                        "default: the modifier's ('auto' for SparseGPT in token mode, else 0.5)")
     parser.add_argument("--fisher-mode", choices=FISHER_MODES, default="token")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)

@@ -307,3 +307,17 @@ def test_auto_taylor_weight_picks_a_lam_per_layer(tiny_llama_dir, loader):
 def test_auto_taylor_weight_only_where_defined(cls, extra):
     with pytest.raises(ValidationError, match="taylor_weight='auto' is available for MoonshotSparseGPTModifier"):
         cls(**COMMON, taylor_weight="auto", **extra)
+
+
+@pytest.mark.parametrize(
+    "cls, extra, expected",
+    [
+        (MoonshotSparseGPTModifier, {}, "auto"),
+        (MoonshotSparseGPTModifier, {"fisher_mode": "sample"}, 0.5),  # no rule there: the fixed default
+        (MoonshotWandaModifier, {}, 0.5),
+        (MoonshotWandaModifier, {"fisher_mode": "sample"}, 0.5),
+    ],
+    ids=["sparsegpt-token", "sparsegpt-sample", "wanda-token", "wanda-sample"],
+)
+def test_default_taylor_weight(cls, extra, expected):
+    assert cls(**COMMON, **extra).taylor_weight == expected

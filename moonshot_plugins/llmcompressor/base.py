@@ -119,6 +119,9 @@ def _head_is_separable(
     return torch.allclose(reference.float(), split.float(), rtol=1e-3, atol=1e-3)
 
 
+DEFAULT_TAYLOR_WEIGHT = 0.5  # where taylor_weight="auto" is not defined
+
+
 class MoonshotFields(BaseModel):
     """Fields and the gradient pass shared by both MOONSHOT modifiers.
 
@@ -126,7 +129,9 @@ class MoonshotFields(BaseModel):
         0 reproduces the host exactly, 1 is Taylor-only. "auto" (SparseGPT,
         token mode): per layer, the largest lam that keeps the effective sample
         size of the reweighted positions at half of them
-        (:func:`moonshot_plugins.core.auto_taylor_weight`)
+        (:func:`moonshot_plugins.core.auto_taylor_weight`). Default: "auto"
+        where it is defined (MoonshotSparseGPTModifier, fisher_mode "token";
+        chosen on a held-out calibration-side text, docs/results.md), else 0.5
     :param fisher_mode: "token" (each position a rank-one sample, same cost as
         X^T X) or "sample" (per-sample gradient outer products)
     :param fisher_samples: calibration samples fed to the gradient pass
@@ -139,7 +144,7 @@ class MoonshotFields(BaseModel):
         AVX512-BF16 and on GPUs; the Fisher is always accumulated in fp32.
     """
 
-    taylor_weight: float | str = 0.5
+    taylor_weight: float | str = DEFAULT_TAYLOR_WEIGHT
     fisher_mode: str = "token"
     fisher_samples: int | None = None
     offload_fisher: bool = False
@@ -164,6 +169,10 @@ class MoonshotFields(BaseModel):
     @model_validator(mode="after")
     def _check_auto_is_supported(self):
         if self.taylor_weight == AUTO and self._fisher_statistic() != "token_weights":
+            if "taylor_weight" not in self.model_fields_set:
+                # the class default "auto" where no rule exists: the fixed default
+                self.taylor_weight = DEFAULT_TAYLOR_WEIGHT
+                return self
             raise ValueError(
                 f"taylor_weight='auto' is available for MoonshotSparseGPTModifier with "
                 f"fisher_mode='token'; {type(self).__name__} with fisher_mode="
@@ -359,6 +368,9 @@ class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
     The host's row-shared Hessian (2/n) X^T X is replaced, per layer, by
     (1-lam) H + lam (s_H / s_F) F with F the row-averaged empirical Fisher;
     SparseGPT's own solver (one Cholesky per layer) then runs unchanged.
+    In token mode (the default) F is folded into the host's own accumulation
+    by reweighting each position's input, and ``taylor_weight`` defaults to
+    "auto" (a lam per layer); in sample mode it defaults to 0.5.
 
     Sample yaml:
 
@@ -368,7 +380,7 @@ class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
         MoonshotSparseGPTModifier:
           sparsity: 0.5
           mask_structure: "2:4"
-          taylor_weight: 0.5
+          taylor_weight: auto       # or a fixed lam in [0, 1]
           fisher_mode: "token"
           targets: ["Linear"]
           ignore: ["re:.*lm_head"]
@@ -379,6 +391,8 @@ class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
     ``fisher_mode``, ``fisher_samples`` and ``offload_fisher``
     (see :class:`MoonshotFields`).
     """
+
+    taylor_weight: float | str = AUTO
 
     def _fisher_statistic(self) -> str:
         return "token_weights" if self.fisher_mode == "token" else "matrix"
