@@ -56,19 +56,24 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     ``core`` is the part the targets need (host, MOONSHOT token, Taylor-only);
     ``all`` adds sample mode and magnitude; ``sweep`` the lam sweep at 2:4 and
     60%. ``heldout`` is for ``--eval-set heldout``: the modelling choices
-    (fixed lams, ``auto``, fewer gradient samples) scored on a held-out slice
-    of the calibration side, to choose a default without the evaluation text.
+    (fixed lams, ``auto``, fewer gradient samples at 2:4; ``row_weights`` at
+    60%/70%) scored on a held-out slice of the calibration side, to choose
+    defaults without the evaluation text.
     ``sparsities`` / ``hosts`` restrict any plan.
     """
     if plan not in PLANS:
         raise SystemExit(f"--plan must be one of {', '.join(PLANS)}; got {plan!r}")
     runs: list[dict[str, Any]] = [_run("dense", "0")]
     if plan == "heldout":
-        for sp in (s for s in ("2:4", "0.6") if s in sparsities):
+        for sp in (s for s in ("2:4", "0.6", "0.7") if s in sparsities):
             for host in (h for h in hosts if h == "sparsegpt"):
                 runs.append(_run("host", sp, host))
-                runs += [_run("moonshot", sp, host, lam) for lam in (0.5, "auto", 0.1)]
-                runs.append(_run("moonshot", sp, host, DEFAULT_LAM, fisher_samples=16))
+                if sp == "2:4":  # the default lam rule, and fewer gradient samples
+                    runs += [_run("moonshot", sp, host, lam) for lam in (0.5, "auto", 0.1)]
+                    runs.append(_run("moonshot", sp, host, DEFAULT_LAM, fisher_samples=16))
+                else:  # per-row weights, which only unstructured masks can use
+                    runs.append(_run("moonshot", sp, host, "auto"))
+                    runs.append(_run("moonshot", sp, host, "auto", row_weights=True))
         return runs
     main = {"all": SPARSITIES, "2of4": ("2:4",), "unstructured": SPARSITIES[1:],
             "core": SPARSITIES}.get(plan, ())

@@ -237,6 +237,9 @@ def test_token_weights_rebuild_the_token_fisher_and_the_moonshot_hessian(batch_s
         assert weighted == pytest.approx((w.double()[..., None] * xs.double() ** 2).sum().item(), rel=1e-6)
         sums = torch.stack(weights.input_sums(name))
         torch.testing.assert_close(sums, xs.sum(dim=-1))
+        ds = torch.stack([d for _, d in tokens[name]])  # (N, T, d_out)
+        rows = torch.einsum("nto,nt->o", ds.double() ** 2, xs.double().square().sum(-1))
+        torch.testing.assert_close(weights.row_sensitivities(name), (rows / rows.mean()).float(), rtol=1e-5, atol=1e-7)
         x2d = xs.reshape(-1, xs.shape[-1])
         hessian = 2 * x2d.T @ x2d / N_SAMPLES  # SparseGPT's (2/n) X^T X
         for lam in (0.3, 1.0):

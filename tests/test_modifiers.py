@@ -321,3 +321,41 @@ def test_auto_taylor_weight_only_where_defined(cls, extra):
 )
 def test_default_taylor_weight(cls, extra, expected):
     assert cls(**COMMON, **extra).taylor_weight == expected
+
+
+def test_row_weights_shift_an_unstructured_mask_towards_sensitive_rows(tiny_llama_dir, loader):
+    """With row_weights, rows whose token Fisher is larger (m_i > 1) keep more
+    weights; without, SparseGPT's mask ignores that. Sparsity stays exact."""
+    unstructured = dict(sparsity=0.5, mask_structure="0:0", ignore=["re:.*lm_head"])
+    roots = {}
+    scale_rows = MoonshotSparseGPTModifier._scale_rows
+
+    def spy(self):
+        found = scale_rows(self)
+        roots.update({self._module_names[m].rstrip("."): r.clone() for m, r in found.items()})
+        return found
+
+    MoonshotSparseGPTModifier._scale_rows = spy
+    try:
+        weighted = prune(tiny_llama_dir, MoonshotSparseGPTModifier(**unstructured, taylor_weight=0.5, row_weights=True), loader)
+    finally:
+        MoonshotSparseGPTModifier._scale_rows = scale_rows
+    plain = prune(tiny_llama_dir, MoonshotSparseGPTModifier(**unstructured, taylor_weight=0.5), loader)
+    assert len(roots) == 14
+    correlations = []
+    for name, root in roots.items():
+        w_on, w_off = weighted[name + ".weight"], plain[name + ".weight"]
+        assert (w_on == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), name
+        kept_on, kept_off = (w_on != 0).sum(1).float(), (w_off != 0).sum(1).float()
+        m = root.double() ** 2
+        gain = kept_on - kept_off  # how many more weights row i keeps with row weights
+        correlations.append(torch.corrcoef(torch.stack([m, gain.double()]))[0, 1].item())
+    assert not all(torch.equal(weighted[k], plain[k]) for k in linear_weights(plain))
+    assert sum(correlations) / len(correlations) > 0.2, correlations
+
+
+def test_row_weights_need_token_mode_and_an_unstructured_mask():
+    with pytest.raises(ValidationError, match="row_weights=True needs fisher_mode='token' and unstructured"):
+        MoonshotSparseGPTModifier(**COMMON, row_weights=True)
+    with pytest.raises(ValidationError, match="row_weights=True needs fisher_mode='token' and unstructured"):
+        MoonshotSparseGPTModifier(sparsity=0.5, fisher_mode="sample", taylor_weight=0.5, row_weights=True)

@@ -22,6 +22,7 @@ from moonshot_plugins.core.objective import (
     combine_diagonal,
     combine_hessians,
     mean_diagonal,
+    row_objective_weights,
     token_objective_weights,
     validate_taylor_weight,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "combine_diagonal",
     "combine_hessians",
     "mean_diagonal",
+    "row_objective_weights",
     "token_objective_weights",
     "validate_taylor_weight",
     "moonshot_wanda_scores",

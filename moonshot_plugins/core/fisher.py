@@ -250,6 +250,7 @@ class FisherCollector:
         self._token_weights: dict[str, list[torch.Tensor]] = {name: [] for name in self.modules}
         self._input_sums: dict[str, list[torch.Tensor]] = {name: [] for name in self.modules}
         self._energies: dict[str, torch.Tensor] = {}
+        self._row_energies: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     # -- hooks ---------------------------------------------------------------
@@ -361,6 +362,9 @@ class FisherCollector:
         energy, sums = summary.to(FISHER_PRECISION).unbind(-1)  # (B, T) each
         update = torch.stack([energy.sum(), (weights * energy).sum()]).double()
         self._add(self._energies, name, update.cpu())
+        # per output row i: sum_t d_ti^2 ||x_t||^2, the trace of row i's own token Fisher
+        rows = torch.einsum("bt,bto->o", energy, d.square().to(FISHER_PRECISION))
+        self._add(self._row_energies, name, rows.double().cpu())
         self._token_weights[name].extend(weights.cpu().unbind(0))
         # per-position input sums identify a sample when a later pass sees the
         # samples in another order (a shuffling dataloader)
@@ -457,6 +461,16 @@ class FisherCollector:
         self._num(name)
         energy, weighted = self._energies[name].tolist()
         return energy, weighted
+
+    def row_sensitivities(self, name: str) -> torch.Tensor:
+        """(d_out,) fp32: each output row's token-Fisher trace
+        sum_t d_ti^2 ||x_t||^2 over its mean across rows. The row-shared token
+        Fisher averages the rows; row i's own is about s_i times that average."""
+        if not self.keep_token_weights:
+            raise RuntimeError("collector was built with token_weights=False")
+        self._num(name)
+        rows = self._row_energies[name]
+        return (rows / rows.mean().clamp(min=torch.finfo(torch.float64).tiny)).float()
 
     def input_sums(self, name: str) -> list[torch.Tensor]:
         """Per-position sums of the input of layer ``name``, one (T_i,) fp32

@@ -176,3 +176,18 @@ def auto_taylor_weight(
     k = ((1.0 - min_effective_fraction) / min_effective_fraction) ** 0.5
     slope = v**0.5 - k * m
     return 1.0 if slope <= k else k / slope
+
+
+def row_objective_weights(row_sensitivities: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per-output-row weights m_i = (1 - lam) + lam * s_i of the combined objective.
+
+    With s_i the row's share of the token Fisher (mean 1), row i's combined
+    Hessian (1-lam) H_rec + lam s_i F has about m_i times the trace of the
+    row-shared (1-lam) H_rec + lam F. Scaling row i of W by sqrt(m_i) before the
+    row-shared solver and back after makes an unstructured mask trade weights
+    across rows by m_i (each row's own solve is unchanged; N:M masks too).
+
+    :param row_sensitivities: s, (d_out,), mean 1
+    :return: m, (d_out,), mean 1
+    """
+    return (1.0 - lam) + lam * row_sensitivities

@@ -40,6 +40,7 @@ from moonshot_plugins.core import (
     combine_hessians,
     layer_inputs,
     moonshot_wanda_scores,
+    row_objective_weights,
     row_wise_mask,
     run_gradient_pass,
     token_objective_weights,
@@ -160,6 +161,7 @@ class MoonshotFields(BaseModel):
     _sample_of: dict[int, int | None] = PrivateAttr(default_factory=dict)
     _fisher_fraction: float = PrivateAttr(default=1.0)
     _layer_taylor_weight: dict[torch.nn.Module, float] = PrivateAttr(default_factory=dict)
+    _row_sensitivities: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
 
     @field_validator("taylor_weight", mode="before")
     @classmethod
@@ -273,6 +275,7 @@ class MoonshotFields(BaseModel):
                 self._token_energies[module] = collector.token_energies(name)
                 self._token_weights[module] = collector.token_weights(name)
                 self._fingerprints[module] = collector.input_sums(name)
+                self._row_sensitivities[module] = collector.row_sensitivities(name)
                 self._layer_taylor_weight[module] = (
                     auto_taylor_weight(
                         torch.cat(self._token_weights[module]), *self._token_energies[module]
@@ -372,6 +375,12 @@ class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
     by reweighting each position's input, and ``taylor_weight`` defaults to
     "auto" (a lam per layer); in sample mode it defaults to 0.5.
 
+    ``row_weights`` (unstructured masks, token mode): the row-shared Fisher
+    averages the output rows, but row i's own token Fisher is about s_i times
+    that average. With it, row i's objective is weighted by
+    m_i = (1-lam) + lam s_i, applied by scaling row i by sqrt(m_i) around the
+    host's unchanged solver (:func:`row_objective_weights`).
+
     Sample yaml:
 
     ```yaml
@@ -393,6 +402,18 @@ class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
     """
 
     taylor_weight: float | str = AUTO
+    row_weights: bool = False
+
+    @model_validator(mode="after")
+    def _check_row_weights(self):
+        if self.row_weights and (self.fisher_mode != "token" or self.mask_structure != "0:0"):
+            raise ValueError(
+                "row_weights=True needs fisher_mode='token' and unstructured sparsity "
+                f"(mask_structure='0:0'), got fisher_mode={self.fisher_mode!r}, "
+                f"mask_structure={self.mask_structure!r}: an N:M mask keeps N of every M "
+                "weights in each row, so weighting rows cannot change it"
+            )
+        return self
 
     def _fisher_statistic(self) -> str:
         return "token_weights" if self.fisher_mode == "token" else "matrix"
@@ -403,6 +424,7 @@ class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
         return initialized
 
     def compress_modules(self):
+        row_roots = self._scale_rows() if self.row_weights else {}
         for module in list(self._num_samples):
             self._token_weights.pop(module, None)
             self._fingerprints.pop(module, None)
@@ -414,14 +436,39 @@ class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
                     self._hessians[module], fisher, self.taylor_weight
                 )
         super().compress_modules()
+        for module, root in row_roots.items():
+            _set_weight(module, standardized_weight(module) / root.unsqueeze(1))
+
+    def _scale_rows(self) -> dict[torch.nn.Module, torch.Tensor]:
+        """Multiply each row of the layers about to be pruned by sqrt(m_i)
+        (:func:`row_objective_weights`); returns the factors to undo it."""
+        roots = {}
+        for module in list(self._num_samples):
+            sensitivities = self._row_sensitivities.pop(module, None)
+            if sensitivities is None:
+                continue
+            lam = self._layer_taylor_weight[module]
+            with torch.no_grad(), align_module_device(module):
+                weight = standardized_weight(module)
+                root = row_objective_weights(sensitivities, lam).sqrt().to(weight.device, weight.dtype)
+            _set_weight(module, weight * root.unsqueeze(1))
+            roots[module] = root
+        return roots
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         self._fisher = dict()
+        self._row_sensitivities = dict()
         self._token_weights = dict()
         self._layer_taylor_weight = dict()
         self._fingerprints = dict()
         self._sample_of = dict()
         return super().on_finalize(state, **kwargs)
+
+
+def _set_weight(module: torch.nn.Module, weight: torch.Tensor) -> None:
+    """Write a (d_out, d_in) weight back in the layer's own layout (offload-aware)."""
+    with torch.no_grad():
+        update_offload_parameter(module, "weight", restore_weight(module, weight))
 
 
 class MoonshotWandaModifier(MoonshotFields, WandaPruningModifier):
