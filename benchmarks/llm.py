@@ -88,6 +88,8 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
             runs.append(_run("moonshot", sp, host, 1.0, "token"))  # Taylor-only
             if host == "sparsegpt":
                 runs.append(_run("moonshot", sp, host, "auto", "token"))  # per-layer rule
+                if sp != "2:4":  # per-row weights: unstructured masks only
+                    runs.append(_run("moonshot", sp, host, "auto", "token", row_weights=True))
         if plan != "core":
             runs.append(_run("magnitude", sp))
     if plan in ("all", "sweep"):

@@ -24,7 +24,8 @@ def _label(run: dict[str, Any]) -> str:
         return host
     if run["lam"] == 1.0:
         return f"Taylor-only ({host}, lam=1)"
-    return f"MOONSHOT-{host} (lam={run['lam']}, {run['fisher_mode']})"
+    options = "".join(f", {k}={v}" for k, v in run.get("options", {}).items())
+    return f"MOONSHOT-{host} (lam={run['lam']}, {run['fisher_mode']}{options})"
 
 
 def _find(runs, **match):
