@@ -29,9 +29,11 @@ import sys
 import time
 from typing import Any
 
+from benchmarks.report import default_settings
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-DEFAULT_LAM = 0.5
+DEFAULT_LAM = 0.5  # the fixed lam (Wanda's default; SparseGPT's before "auto")
 SPARSITIES = ("2:4", "0.5", "0.6", "0.7")
 LAM_SWEEP = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
@@ -56,9 +58,10 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     ``core`` is the part the targets need (host, MOONSHOT token, Taylor-only);
     ``all`` adds sample mode and magnitude; ``sweep`` the lam sweep at 2:4 and
     60%. ``heldout`` is for ``--eval-set heldout``: the modelling choices
-    (fixed lams, ``auto``, fewer gradient samples at 2:4; ``row_weights`` at
-    60%/70%) scored on a held-out slice of the calibration side, to choose
-    defaults without the evaluation text.
+    (SparseGPT: fixed lams, ``auto``, fewer gradient samples at 2:4,
+    ``row_weights`` at 60%/70%; Wanda: lam 0.5 vs ``auto``) scored on a
+    held-out slice of the calibration side, to choose defaults without the
+    evaluation text.
     ``sparsities`` / ``hosts`` restrict any plan.
     """
     if plan not in PLANS:
@@ -66,14 +69,17 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     runs: list[dict[str, Any]] = [_run("dense", "0")]
     if plan == "heldout":
         for sp in (s for s in ("2:4", "0.6", "0.7") if s in sparsities):
+            if "wanda" in hosts:  # Wanda's default: the fixed lam or the per-layer rule
+                runs.append(_run("host", sp, "wanda"))
+                runs += [_moonshot(sp, "wanda", lam) for lam in (DEFAULT_LAM, "auto")]
             for host in (h for h in hosts if h == "sparsegpt"):
                 runs.append(_run("host", sp, host))
                 if sp == "2:4":  # the default lam rule, and fewer gradient samples
                     runs += [_run("moonshot", sp, host, lam) for lam in (0.5, "auto", 0.1)]
                     runs.append(_run("moonshot", sp, host, DEFAULT_LAM, fisher_samples=16))
                 else:  # per-row weights, which only unstructured masks can use
-                    runs.append(_run("moonshot", sp, host, "auto"))
-                    runs.append(_run("moonshot", sp, host, "auto", row_weights=True))
+                    runs.append(_moonshot(sp, host, "auto", row_weights=False))
+                    runs.append(_moonshot(sp, host, "auto", row_weights=True))
         return runs
     main = {"all": SPARSITIES, "2of4": ("2:4",), "unstructured": SPARSITIES[1:],
             "core": SPARSITIES}.get(plan, ())
@@ -81,15 +87,17 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
         # the headline pairs first, so a partial run still answers the main question
         for host in hosts:
             runs.append(_run("host", sp, host))
-            runs.append(_run("moonshot", sp, host, DEFAULT_LAM, "token"))
+            lam, options = default_settings(host, sp)  # the modifier's defaults
+            runs.append(_moonshot(sp, host, lam, **options))
         for host in hosts:
             if plan != "core":
                 runs.append(_run("moonshot", sp, host, DEFAULT_LAM, "sample"))
-            runs.append(_run("moonshot", sp, host, 1.0, "token"))  # Taylor-only
-            if host == "sparsegpt":
-                runs.append(_run("moonshot", sp, host, "auto", "token"))  # per-layer rule
-                if sp != "2:4":  # per-row weights: unstructured masks only
-                    runs.append(_run("moonshot", sp, host, "auto", "token", row_weights=True))
+            runs.append(_moonshot(sp, host, 1.0))  # Taylor-only
+            if host == "sparsegpt":  # what the default is made of, one piece at a time
+                runs.append(_moonshot(sp, host, DEFAULT_LAM, row_weights=False))  # fixed lam
+                if sp != "2:4":  # without row weights (unstructured masks only)
+                    runs.append(_moonshot(sp, host, "auto", row_weights=False))
+                    runs.append(_moonshot(sp, host, 1.0, row_weights=False))
         if plan != "core":
             runs.append(_run("magnitude", sp))
     if plan in ("all", "sweep"):
@@ -98,8 +106,20 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
                 for lam in LAM_SWEEP:
                     if lam == 0.0:
                         continue  # lam=0 is the host (bitwise; tested), already a row
-                    runs.append(_run("moonshot", sp, host, lam, "token"))
+                    # the 60% SparseGPT sweep started before row weights: it stays without
+                    runs.append(_moonshot(sp, host, lam, row_weights=False))
     return runs
+
+
+def _moonshot(sparsity: str, host: str, lam: float | str, **options: Any) -> dict[str, Any]:
+    """A token-mode MOONSHOT run. Unstructured SparseGPT runs always record
+    ``row_weights`` (the modifier's default unless ``options`` sets it), so a
+    record stays unambiguous when a default changes."""
+    applicable = default_settings(host, sparsity)[1]
+    if "row_weights" not in applicable:
+        options.pop("row_weights", None)  # N:M masks, Wanda: not a field that applies
+    options = {**applicable, **options}
+    return _run("moonshot", sparsity, host, lam, "token", **options)
 
 
 def run_key(run: dict[str, Any], settings: dict[str, Any]) -> str:
@@ -158,6 +178,41 @@ def _magnitude(model, structure: dict[str, Any]) -> None:
                 module.weight[mask] = 0.0
 
 
+class _PeakAnonymousMemory:
+    """Peak anonymous resident memory (RssAnon, Linux) while the block runs,
+    sampled every 0.2 s. Peak RSS also counts file-backed pages: SmolLM2's
+    weights are memory-mapped from model.safetensors, and a pass that touches
+    them all adds the file's size to RSS without allocating anything."""
+
+    def __enter__(self) -> "_PeakAnonymousMemory":
+        import threading
+
+        self.peak_mb = self._now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak_mb = max(self.peak_mb, self._now())
+
+    @staticmethod
+    def _now() -> float:
+        try:
+            for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._now())
+
+
 def run_one(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -170,19 +225,21 @@ def run_one(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    if run["method"] == "magnitude":
-        _magnitude(model, _structure(run["sparsity"]))
-    elif run["method"] in ("host", "moonshot"):
-        lam = run["lam"] if run["method"] == "moonshot" else None
-        extra = {"fisher_mode": run["fisher_mode"], **run.get("options", {})} if lam is not None else {}
-        recipe = [make_modifier(run["host"], _structure(run["sparsity"]), lam, **extra)]
-        model = run_oneshot(model, recipe, loader, shuffle_calibration_samples=False)
+    with _PeakAnonymousMemory() as anonymous:
+        if run["method"] == "magnitude":
+            _magnitude(model, _structure(run["sparsity"]))
+        elif run["method"] in ("host", "moonshot"):
+            lam = run["lam"] if run["method"] == "moonshot" else None
+            extra = {"fisher_mode": run["fisher_mode"], **run.get("options", {})} if lam is not None else {}
+            recipe = [make_modifier(run["host"], _structure(run["sparsity"]), lam, **extra)]
+            model = run_oneshot(model, recipe, loader, shuffle_calibration_samples=False)
     seconds = time.perf_counter() - start
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
         **run,
         "prune_seconds": seconds,
         "peak_rss_mb": peak_rss_mb,
+        "peak_anonymous_mb": anonymous.peak_mb,
         "rss_before_prune_mb": rss_before / 1024,
     }
     for name, ids in evals.items():

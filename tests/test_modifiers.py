@@ -299,14 +299,30 @@ def test_auto_taylor_weight_picks_a_lam_per_layer(tiny_llama_dir, loader):
     assert any(not torch.equal(auto[k], host[k]) for k in linear_weights(host))
 
 
-@pytest.mark.parametrize(
-    "cls, extra",
-    [(MoonshotWandaModifier, {}), (MoonshotSparseGPTModifier, {"fisher_mode": "sample"})],
-    ids=["wanda", "sparsegpt-sample"],
-)
-def test_auto_taylor_weight_only_where_defined(cls, extra):
-    with pytest.raises(ValidationError, match="taylor_weight='auto' is available for MoonshotSparseGPTModifier"):
-        cls(**COMMON, taylor_weight="auto", **extra)
+@pytest.mark.parametrize("cls", [MoonshotWandaModifier, MoonshotSparseGPTModifier], ids=["wanda", "sparsegpt"])
+def test_auto_taylor_weight_needs_token_mode(cls):
+    with pytest.raises(ValidationError, match="taylor_weight='auto' needs fisher_mode='token'"):
+        cls(**COMMON, taylor_weight="auto", fisher_mode="sample")
+
+
+def test_wanda_auto_taylor_weight_picks_a_lam_per_layer(tiny_llama_dir, loader, monkeypatch):
+    """Wanda's auto: the same rule on the same per-position weights, one lam per
+    layer reaching the combined diagonal."""
+    import moonshot_plugins.llmcompressor.base as base
+
+    lams = []
+    combine = base.combine_diagonal
+
+    def spy(row_scalars, fisher, lam):
+        lams.append(lam)
+        return combine(row_scalars, fisher, lam)
+
+    monkeypatch.setattr(base, "combine_diagonal", spy)
+    auto = prune(tiny_llama_dir, MoonshotWandaModifier(**COMMON, taylor_weight="auto"), loader)
+    assert len(lams) == 14 and all(0.0 <= lam <= 1.0 for lam in lams)
+    assert len(set(lams)) > 1  # really per layer
+    fixed = prune(tiny_llama_dir, MoonshotWandaModifier(**COMMON, taylor_weight=0.5), loader)
+    assert any(not torch.equal(auto[k], fixed[k]) for k in linear_weights(fixed))
 
 
 @pytest.mark.parametrize(
@@ -340,7 +356,7 @@ def test_row_weights_shift_an_unstructured_mask_towards_sensitive_rows(tiny_llam
         weighted = prune(tiny_llama_dir, MoonshotSparseGPTModifier(**unstructured, taylor_weight=0.5, row_weights=True), loader)
     finally:
         MoonshotSparseGPTModifier._scale_rows = scale_rows
-    plain = prune(tiny_llama_dir, MoonshotSparseGPTModifier(**unstructured, taylor_weight=0.5), loader)
+    plain = prune(tiny_llama_dir, MoonshotSparseGPTModifier(**unstructured, taylor_weight=0.5, row_weights=False), loader)
     assert len(roots) == 14
     correlations = []
     for name, root in roots.items():
@@ -352,6 +368,20 @@ def test_row_weights_shift_an_unstructured_mask_towards_sensitive_rows(tiny_llam
         correlations.append(torch.corrcoef(torch.stack([m, gain.double()]))[0, 1].item())
     assert not all(torch.equal(weighted[k], plain[k]) for k in linear_weights(plain))
     assert sum(correlations) / len(correlations) > 0.2, correlations
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ({"sparsity": 0.5, "mask_structure": "0:0"}, True),
+        ({"sparsity": 0.5, "mask_structure": "2:4"}, False),  # N:M: cannot apply, off
+        ({"sparsity": 0.5, "mask_structure": "0:0", "fisher_mode": "sample", "taylor_weight": 0.5}, False),
+        ({"sparsity": 0.5, "mask_structure": "0:0", "row_weights": False}, False),
+    ],
+    ids=["unstructured-token", "2of4", "sample-mode", "explicitly-off"],
+)
+def test_default_row_weights(extra, expected):
+    assert MoonshotSparseGPTModifier(**extra).row_weights is expected
 
 
 def test_row_weights_need_token_mode_and_an_unstructured_mask():

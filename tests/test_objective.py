@@ -110,3 +110,28 @@ def test_auto_taylor_weight_keeps_half_the_effective_samples():
     assert auto_taylor_weight(torch.zeros(50), 1.0, 0.0) == 0.0  # no gradient: reconstruction only
     with pytest.raises(ValueError, match="min_effective_fraction"):
         auto_taylor_weight(weights, energy, weighted, 0.0)
+
+
+def test_row_objective_weights_cap_heavy_tailed_rows():
+    """m_i = (1-lam) + lam s_i where the row shares are mild; where a few rows
+    dominate, lam is capped so the rows keep half their effective sample size
+    and no row's weight falls to ~0 (at lam = 1 it would be pruned whole)."""
+    from moonshot_plugins.core import row_objective_weights
+
+    def ess(m):
+        return (m.sum() ** 2 / (m.numel() * (m**2).sum())).item()
+
+    mild = torch.linspace(0.5, 1.5, 101, dtype=torch.float64)  # mean 1
+    for lam in (0.0, 0.3, 1.0):
+        torch.testing.assert_close(row_objective_weights(mild, lam), (1 - lam) + lam * mild)
+    torch.manual_seed(0)
+    heavy = torch.distributions.LogNormal(0.0, 2.0).sample((1000,)).double()
+    heavy = heavy / heavy.mean()
+    assert ess(heavy) < 0.2  # lam = 1 uncapped: a few rows would decide the mask
+    m = row_objective_weights(heavy, 1.0)
+    assert ess(m) == pytest.approx(0.5, rel=1e-6)
+    assert m.min() > 0.3 and m.mean().item() == pytest.approx(1.0)
+    low = row_objective_weights(heavy, 0.05)  # below the cap: unchanged
+    torch.testing.assert_close(low, 0.95 + 0.05 * heavy)
+    with pytest.raises(ValueError, match="taylor_weight"):
+        row_objective_weights(heavy, 1.5)

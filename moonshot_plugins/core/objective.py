@@ -178,8 +178,10 @@ def auto_taylor_weight(
     return 1.0 if slope <= k else k / slope
 
 
-def row_objective_weights(row_sensitivities: torch.Tensor, lam: float) -> torch.Tensor:
-    """Per-output-row weights m_i = (1 - lam) + lam * s_i of the combined objective.
+def row_objective_weights(
+    row_sensitivities: torch.Tensor, lam: float, min_effective_fraction: float = 0.5
+) -> torch.Tensor:
+    """Per-output-row weights m_i = (1 - lam_r) + lam_r * s_i of the combined objective.
 
     With s_i the row's share of the token Fisher (mean 1), row i's combined
     Hessian (1-lam) H_rec + lam s_i F has about m_i times the trace of the
@@ -187,7 +189,18 @@ def row_objective_weights(row_sensitivities: torch.Tensor, lam: float) -> torch.
     row-shared solver and back after makes an unstructured mask trade weights
     across rows by m_i (each row's own solve is unchanged; N:M masks too).
 
+    The row shares are heavy-tailed (a few q_proj / MLP rows carry 30-100x the
+    mean, others 0.001x), and at lam = 1 a row with s_i near 0 would be pruned
+    whole on the strength of a noisy estimate. So the rows get the rule
+    ``taylor_weight: auto`` applies to positions: lam_r = min(lam, the largest
+    lam whose m keeps an effective sample size of ``min_effective_fraction``
+    of the rows) (:func:`auto_taylor_weight` on s).
+
     :param row_sensitivities: s, (d_out,), mean 1
-    :return: m, (d_out,), mean 1
+    :param lam: the layer's taylor_weight in [0, 1]
+    :return: m, (d_out,), mean 1, every m_i >= 1 - lam_r
     """
-    return (1.0 - lam) + lam * row_sensitivities
+    lam = validate_taylor_weight(lam)
+    cap = auto_taylor_weight(row_sensitivities, 1.0, 1.0, min_effective_fraction)
+    lam_rows = min(lam, cap)
+    return (1.0 - lam_rows) + lam_rows * row_sensitivities

@@ -127,12 +127,12 @@ class MoonshotFields(BaseModel):
     """Fields and the gradient pass shared by both MOONSHOT modifiers.
 
     :param taylor_weight: lam in [0, 1], weight of the Taylor (Fisher) term;
-        0 reproduces the host exactly, 1 is Taylor-only. "auto" (SparseGPT,
-        token mode): per layer, the largest lam that keeps the effective sample
-        size of the reweighted positions at half of them
+        0 reproduces the host exactly, 1 is Taylor-only. "auto" (token mode):
+        per layer, the largest lam that keeps the effective sample size of the
+        reweighted positions at half of them
         (:func:`moonshot_plugins.core.auto_taylor_weight`). Default: "auto"
-        where it is defined (MoonshotSparseGPTModifier, fisher_mode "token";
-        chosen on a held-out calibration-side text, docs/results.md), else 0.5
+        for MoonshotSparseGPTModifier in token mode (chosen on a held-out
+        calibration-side text, docs/results.md), else 0.5
     :param fisher_mode: "token" (each position a rank-one sample, same cost as
         X^T X) or "sample" (per-sample gradient outer products)
     :param fisher_samples: calibration samples fed to the gradient pass
@@ -170,14 +170,14 @@ class MoonshotFields(BaseModel):
 
     @model_validator(mode="after")
     def _check_auto_is_supported(self):
-        if self.taylor_weight == AUTO and self._fisher_statistic() != "token_weights":
+        if self.taylor_weight == AUTO and self.fisher_mode != "token":
             if "taylor_weight" not in self.model_fields_set:
                 # the class default "auto" where no rule exists: the fixed default
                 self.taylor_weight = DEFAULT_TAYLOR_WEIGHT
                 return self
             raise ValueError(
-                f"taylor_weight='auto' is available for MoonshotSparseGPTModifier with "
-                f"fisher_mode='token'; {type(self).__name__} with fisher_mode="
+                "taylor_weight='auto' needs fisher_mode='token' (the rule reads the "
+                f"per-position Fisher weights); {type(self).__name__} with fisher_mode="
                 f"{self.fisher_mode!r} needs a number in [0, 1]"
             )
         return self
@@ -236,7 +236,8 @@ class MoonshotFields(BaseModel):
             fisher_mode=self.fisher_mode,
             matrix=statistic == "matrix",
             diagonal=statistic == "diagonal",
-            token_weights=statistic == "token_weights",
+            # the auto rule reads per-position weights in either statistic
+            token_weights=statistic == "token_weights" or self.taylor_weight == AUTO,
             offload=self.offload_fisher,
         )
         # The gradient pass needs the whole model on one device; use the
@@ -283,17 +284,25 @@ class MoonshotFields(BaseModel):
                     if self.taylor_weight == AUTO
                     else self.taylor_weight
                 )
-            if self.taylor_weight == AUTO:
-                lams = torch.tensor(list(self._layer_taylor_weight.values()))
-                logger.info(
-                    f"MOONSHOT taylor_weight=auto: per-layer lam min {lams.min():.3f}, "
-                    f"median {lams.median():.3f}, max {lams.max():.3f}"
-                )
+            self._log_auto_taylor_weights()
             return
         for name, module in modules.items():
             matrix, diagonal = collector.pop(name)
             # already on the CPU when offload_fisher: the collector offloads
             self._fisher[module] = matrix if statistic == "matrix" else diagonal
+            if self.taylor_weight == AUTO:
+                self._layer_taylor_weight[module] = auto_taylor_weight(
+                    torch.cat(collector.token_weights(name)), *collector.token_energies(name)
+                )
+        self._log_auto_taylor_weights()
+
+    def _log_auto_taylor_weights(self) -> None:
+        if self.taylor_weight == AUTO:
+            lams = torch.tensor(list(self._layer_taylor_weight.values()))
+            logger.info(
+                f"MOONSHOT taylor_weight=auto: per-layer lam min {lams.min():.3f}, "
+                f"median {lams.median():.3f}, max {lams.max():.3f}"
+            )
 
     def calibrate_module(
         self, module: torch.nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor
@@ -375,11 +384,13 @@ class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
     by reweighting each position's input, and ``taylor_weight`` defaults to
     "auto" (a lam per layer); in sample mode it defaults to 0.5.
 
-    ``row_weights`` (unstructured masks, token mode): the row-shared Fisher
-    averages the output rows, but row i's own token Fisher is about s_i times
-    that average. With it, row i's objective is weighted by
-    m_i = (1-lam) + lam s_i, applied by scaling row i by sqrt(m_i) around the
-    host's unchanged solver (:func:`row_objective_weights`).
+    ``row_weights`` (default on for unstructured masks in token mode, off
+    elsewhere): the row-shared Fisher averages the output rows, but row i's
+    own token Fisher is about s_i times that average. Row i's objective is
+    weighted by m_i = (1-lam) + lam s_i, applied by scaling row i by sqrt(m_i)
+    around the host's unchanged solver (:func:`row_objective_weights`), so an
+    unstructured mask prunes insensitive rows harder. ``row_weights: false``
+    gives the row-shared objective alone.
 
     Sample yaml:
 
@@ -402,11 +413,15 @@ class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
     """
 
     taylor_weight: float | str = AUTO
-    row_weights: bool = False
+    row_weights: bool = True
 
     @model_validator(mode="after")
     def _check_row_weights(self):
         if self.row_weights and (self.fisher_mode != "token" or self.mask_structure != "0:0"):
+            if "row_weights" not in self.model_fields_set:
+                # the class default where row weights cannot apply: off
+                self.row_weights = False
+                return self
             raise ValueError(
                 "row_weights=True needs fisher_mode='token' and unstructured sparsity "
                 f"(mask_structure='0:0'), got fisher_mode={self.fisher_mode!r}, "
@@ -509,7 +524,7 @@ class MoonshotWandaModifier(MoonshotFields, WandaPruningModifier):
                 curvature = combine_diagonal(
                     self._row_scalars.pop(module),
                     self._fisher.pop(module),
-                    self.taylor_weight,
+                    self._layer_taylor_weight.pop(module, self.taylor_weight),
                 )
                 weight = standardized_weight(module).to(curvature.dtype)
                 mask = row_wise_mask(
@@ -525,4 +540,5 @@ class MoonshotWandaModifier(MoonshotFields, WandaPruningModifier):
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         self._fisher = dict()
+        self._layer_taylor_weight = dict()
         return super().on_finalize(state, **kwargs)
