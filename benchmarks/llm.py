@@ -3,6 +3,8 @@
     python -m benchmarks.llm                       # the whole plan, resumable
     python -m benchmarks.llm --plan 2of4           # one slice of it
     python -m benchmarks.llm --report-only         # redraw docs/results.md from the JSON
+    python -m benchmarks.llm --plan cost --sparsity 2:4 --output benchmarks/results/cost.json
+                                                   # fresh host / MOONSHOT pairs: time and memory
 
 Calibration: ``--calib-samples`` x ``--seq-len`` tokens of Emma, Pride and
 Prejudice and Sense and Sensibility. Evaluation (disjoint): the first
@@ -46,7 +48,7 @@ def _run(method: str, sparsity: str, host: str | None = None, lam: float | str |
 
 
 RUN_KEYS = ("method", "sparsity", "host", "lam", "fisher_mode", "options")
-PLANS = ("all", "2of4", "unstructured", "core", "sweep", "heldout")
+PLANS = ("all", "2of4", "unstructured", "core", "sweep", "heldout", "cost")
 EVAL_SETS = ("test", "heldout")
 HELDOUT_NOVEL = "mansfieldpark"  # Austen, in neither the calibration nor the evaluation texts
 
@@ -61,11 +63,15 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     (SparseGPT: fixed lams, ``auto``, fewer gradient samples at 2:4,
     ``row_weights`` at 60%/70%; Wanda: lam 0.5 vs ``auto``) scored on a
     held-out slice of the calibration side, to choose defaults without the
-    evaluation text.
+    evaluation text. ``cost`` reruns each host next to MOONSHOT at its
+    defaults (time, peak RSS, peak anonymous memory; use its own ``--output``).
     ``sparsities`` / ``hosts`` restrict any plan.
     """
     if plan not in PLANS:
         raise SystemExit(f"--plan must be one of {', '.join(PLANS)}; got {plan!r}")
+    if plan == "cost":  # fresh adjacent pairs: the host, then MOONSHOT at its defaults
+        return [run for sp in sparsities for host in hosts
+                for run in (_run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]))]
     runs: list[dict[str, Any]] = [_run("dense", "0")]
     if plan == "heldout":
         for sp in (s for s in ("2:4", "0.6", "0.7") if s in sparsities):
@@ -327,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(doc, indent=1) + "\n")
             print("   ", {k: round(v, 2) for k, v in result.items() if isinstance(v, float)}, flush=True)
+    if args.plan == "cost":
+        _print_cost_pairs(doc["runs"])
+        return 0
     if args.eval_set == "heldout":
         for r in doc["runs"]:
             print(f"{r['sparsity']:>4} {r['method']:9} {r['host'] or '':9} lam={r['lam']!s:5} "
@@ -336,6 +345,15 @@ def main(argv: list[str] | None = None) -> int:
 
     write_llm_report(output)
     return 0
+
+
+def _print_cost_pairs(runs: list[dict[str, Any]]) -> None:
+    """MOONSHOT / host ratios of time, peak RSS and peak anonymous memory, per adjacent pair."""
+    for base, ours in zip(runs[::2], runs[1::2]):
+        ratios = {key: round(ours[key] / base[key], 2)
+                  for key in ("prune_seconds", "peak_rss_mb", "peak_anonymous_mb") if key in base}
+        print(f"{base['sparsity']:>4} {base['host']:9} host {base['prune_seconds']:.1f} s -> "
+              f"MOONSHOT {ours['prune_seconds']:.1f} s; ratios {ratios}")
 
 
 def _code_version() -> str:

@@ -22,9 +22,9 @@ def _label(run: dict[str, Any]) -> str:
     host = {"sparsegpt": "SparseGPT", "wanda": "Wanda"}[run["host"]]
     if run["method"] == "host":
         return host
-    if run["lam"] == 1.0:
-        return f"Taylor-only ({host}, lam=1)"
     options = "".join(f", {k}={v}" for k, v in run.get("options", {}).items())
+    if run["lam"] == 1.0:
+        return f"Taylor-only ({host}, lam=1{options})"
     return f"MOONSHOT-{host} (lam={run['lam']}, {run['fisher_mode']}{options})"
 
 
