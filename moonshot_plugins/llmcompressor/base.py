@@ -387,10 +387,12 @@ class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
     ``row_weights`` (default on for unstructured masks in token mode, off
     elsewhere): the row-shared Fisher averages the output rows, but row i's
     own token Fisher is about s_i times that average. Row i's objective is
-    weighted by m_i = (1-lam) + lam s_i, applied by scaling row i by sqrt(m_i)
-    around the host's unchanged solver (:func:`row_objective_weights`), so an
-    unstructured mask prunes insensitive rows harder. ``row_weights: false``
-    gives the row-shared objective alone.
+    weighted by m_i = (1-lam_r) + lam_r s_i, applied by scaling row i by
+    sqrt(m_i) around the host's unchanged solver, so an unstructured mask
+    prunes insensitive rows harder; lam_r is the layer's lam capped by the
+    ``auto`` rule applied to the rows (:func:`row_objective_weights`), so no
+    row is pruned whole on a noisy estimate. ``row_weights: false`` gives the
+    row-shared objective alone.
 
     Sample yaml:
 
