@@ -47,7 +47,11 @@ from moonshot_plugins.core import (
     validate_fisher_mode,
     validate_taylor_weight,
 )
-from moonshot_plugins.core.fisher import restore_weight, standardized_weight
+from moonshot_plugins.core.fisher import (
+    release_freed_memory,
+    restore_weight,
+    standardized_weight,
+)
 
 __all__ = ["MoonshotSparseGPTModifier", "MoonshotWandaModifier"]
 
@@ -455,6 +459,10 @@ class MoonshotSparseGPTModifier(MoonshotFields, SparseGPTModifier):
         super().compress_modules()
         for module, root in row_roots.items():
             _set_weight(module, standardized_weight(module) / root.unsqueeze(1))
+        # After the gradient pass the allocator keeps each layer's freed buffers
+        # in a fragmented heap: without this, anonymous memory grew by ~65 MB
+        # per decoder layer (2:4 SmolLM2: peak 2.59 GB vs 1.24 GB with it).
+        release_freed_memory()
 
     def _scale_rows(self) -> dict[torch.nn.Module, torch.Tensor]:
         """Multiply each row of the layers about to be pruned by sqrt(m_i)
@@ -539,6 +547,7 @@ class MoonshotWandaModifier(MoonshotFields, WandaPruningModifier):
                 pruned = restore_weight(module, weight)
             update_offload_parameter(module, "weight", pruned)
             del self._num_samples[module]
+        release_freed_memory()  # as in MoonshotSparseGPTModifier.compress_modules
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         self._fisher = dict()
