@@ -93,8 +93,7 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
         # the headline pairs first, so a partial run still answers the main question
         for host in hosts:
             runs.append(_run("host", sp, host))
-            lam, options = default_settings(host, sp)  # the modifier's defaults
-            runs.append(_moonshot(sp, host, lam, **options))
+            runs.append(_moonshot(sp, host, default_settings(host, sp)[0]))  # the modifier's defaults
         for host in hosts:
             if plan != "core":
                 runs.append(_run("moonshot", sp, host, DEFAULT_LAM, "sample"))

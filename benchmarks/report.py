@@ -16,13 +16,18 @@ START, END = "<!-- llm-results:start -->", "<!-- llm-results:end -->"
 TEXTS = ("persuasion", "python-tutorial")
 
 
+def _options_text(options: dict[str, Any]) -> str:
+    """", k=v" for each extra modifier option of a run."""
+    return "".join(f", {k}={v}" for k, v in options.items())
+
+
 def _label(run: dict[str, Any]) -> str:
     if run["method"] in ("dense", "magnitude"):
         return run["method"]
     host = {"sparsegpt": "SparseGPT", "wanda": "Wanda"}[run["host"]]
     if run["method"] == "host":
         return host
-    options = "".join(f", {k}={v}" for k, v in run.get("options", {}).items())
+    options = _options_text(run.get("options", {}))
     if run["lam"] == 1.0:
         return f"Taylor-only ({host}, lam=1{options})"
     return f"MOONSHOT-{host} (lam={run['lam']}, {run['fisher_mode']}{options})"
@@ -200,7 +205,7 @@ def write_llm_report(results_json: pathlib.Path) -> None:
     targets = _targets(runs, doc.get("unpaired_timing", []))
     if targets:
         at = "; ".join(
-            f"{host} {sp}: lam={lam}" + "".join(f", {k}={v}" for k, v in options.items())
+            f"{host} {sp}: lam={lam}{_options_text(options)}"
             for host in ("sparsegpt", "wanda") for sp, (lam, options) in
             (("2:4", default_settings(host, "2:4")), ("unstructured", default_settings(host, "0.5")))
         )

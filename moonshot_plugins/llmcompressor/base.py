@@ -276,31 +276,24 @@ class MoonshotFields(BaseModel):
         if statistic == "token_weights":
             total = _num_samples(dataloader) or used
             self._fisher_fraction = min(1.0, used / total)
-            for name, module in modules.items():
+        for name, module in modules.items():
+            # one lam per layer: the auto rule on the per-position weights, or the fixed lam
+            self._layer_taylor_weight[module] = (
+                auto_taylor_weight(
+                    torch.cat(collector.token_weights(name)), *collector.token_energies(name)
+                )
+                if self.taylor_weight == AUTO
+                else self.taylor_weight
+            )
+            if statistic == "token_weights":
                 self._token_energies[module] = collector.token_energies(name)
                 self._token_weights[module] = collector.token_weights(name)
                 self._fingerprints[module] = collector.input_sums(name)
                 self._row_sensitivities[module] = collector.row_sensitivities(name)
-                self._layer_taylor_weight[module] = (
-                    auto_taylor_weight(
-                        torch.cat(self._token_weights[module]), *self._token_energies[module]
-                    )
-                    if self.taylor_weight == AUTO
-                    else self.taylor_weight
-                )
-            self._log_auto_taylor_weights()
-            return
-        for name, module in modules.items():
-            matrix, diagonal = collector.pop(name)
-            # already on the CPU when offload_fisher: the collector offloads
-            self._fisher[module] = matrix if statistic == "matrix" else diagonal
-            if self.taylor_weight == AUTO:
-                self._layer_taylor_weight[module] = auto_taylor_weight(
-                    torch.cat(collector.token_weights(name)), *collector.token_energies(name)
-                )
-        self._log_auto_taylor_weights()
-
-    def _log_auto_taylor_weights(self) -> None:
+            else:
+                matrix, diagonal = collector.pop(name)
+                # already on the CPU when offload_fisher: the collector offloads
+                self._fisher[module] = matrix if statistic == "matrix" else diagonal
         if self.taylor_weight == AUTO:
             lams = torch.tensor(list(self._layer_taylor_weight.values()))
             logger.info(
@@ -534,7 +527,7 @@ class MoonshotWandaModifier(MoonshotFields, WandaPruningModifier):
                 curvature = combine_diagonal(
                     self._row_scalars.pop(module),
                     self._fisher.pop(module),
-                    self._layer_taylor_weight.pop(module, self.taylor_weight),
+                    self._layer_taylor_weight.pop(module),
                 )
                 weight = standardized_weight(module).to(curvature.dtype)
                 mask = row_wise_mask(
