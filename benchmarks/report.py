@@ -55,7 +55,22 @@ def default_settings(host: str, sparsity: str) -> tuple[float | str, dict[str, A
     return modifier.taylor_weight, options
 
 
-def _targets(runs: list[dict[str, Any]], unpaired: list[str] = ()) -> list[str]:
+def _cost_pairs(cost_runs: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[dict, dict]]:
+    """(sparsity, host) -> the last adjacent (host run, MOONSHOT run at the
+    current defaults) pair of a ``--plan cost`` results list."""
+    pairs = {}
+    for base, mine in zip(cost_runs, cost_runs[1:]):
+        setting = (base["sparsity"], base["host"])
+        lam, options = default_settings(base["host"], base["sparsity"])
+        if (base["method"] == "host" and mine["method"] == "moonshot"
+                and (mine["sparsity"], mine["host"]) == setting
+                and mine["lam"] == lam and mine.get("options", {}) == options):
+            pairs[setting] = (base, mine)
+    return pairs
+
+
+def _targets(runs: list[dict[str, Any]], unpaired: list[str] = (),
+             cost_runs: list[dict[str, Any]] | None = None) -> list[str]:
     """One line per target of the benchmark issue: met/missed with the ratio.
 
     The targets are judged at each modifier's defaults (:func:`default_settings`);
@@ -65,6 +80,9 @@ def _targets(runs: list[dict[str, Any]], unpaired: list[str] = ()) -> list[str]:
     :param unpaired: "<sparsity> <host>" settings whose host and MOONSHOT runs
         did not run under the same machine load (their time ratio is not a
         measurement and is reported as such)
+    :param cost_runs: the runs of a ``--plan cost`` file (fresh adjacent pairs);
+        when given, the time and memory targets are judged on its pairs
+        instead of on ``runs``
     """
     lines = []
 
@@ -106,17 +124,22 @@ def _targets(runs: list[dict[str, Any]], unpaired: list[str] = ()) -> list[str]:
             for text in TEXTS:
                 ratio = fixed[f"ppl_{text}"] / base[f"ppl_{text}"]
                 lines.append(f"| {sp} sparsegpt fixed lam=0.5, no row weights (the first default) vs host, {text} | - | {ratio:.3f} | informative |")
+    pairs = _cost_pairs(cost_runs) if cost_runs is not None else {}
     for sp in ("2:4", "0.5", "0.6", "0.7"):
         for host in ("sparsegpt", "wanda"):
-            base, mine = _find(runs, method="host", host=host, sparsity=sp), ours(host, sp)
+            if cost_runs is not None:
+                base, mine = pairs.get((sp, host), (None, None))
+            else:
+                base, mine = _find(runs, method="host", host=host, sparsity=sp), ours(host, sp)
             if not (base and mine):
                 continue
             for key, bound_cost in (("prune_seconds", 1.5), ("peak_rss_mb", 1.3)):
                 ratio = mine[key] / base[key]
                 verdict = "met" if ratio <= bound_cost else "missed"
-                if key == "prune_seconds" and f"{sp} {host}" in unpaired:
+                if key == "prune_seconds" and cost_runs is None and f"{sp} {host}" in unpaired:
                     verdict = "not a measurement: runs not under the same load (see notes)"
-                lines.append(f"| {sp} {host} {key} ratio | <= {bound_cost} | {ratio:.2f} | {verdict} |")
+                where = " (cost plan pair)" if cost_runs is not None else ""
+                lines.append(f"| {sp} {host} {key} ratio{where} | <= {bound_cost} | {ratio:.2f} | {verdict} |")
     return lines
 
 
@@ -181,6 +204,15 @@ def write_llm_report(results_json: pathlib.Path) -> None:
     doc = json.loads(pathlib.Path(results_json).read_text())
     runs = doc["runs"]
     rel = pathlib.Path(results_json).resolve().relative_to(ROOT)
+    cost_runs, cost_note = None, []
+    if doc.get("cost_results"):  # a --plan cost file next to this one: the paired cost targets
+        cost_json = pathlib.Path(results_json).resolve().parent / doc["cost_results"]
+        cost_doc = json.loads(cost_json.read_text())
+        cost_runs = cost_doc["runs"]
+        cost_rel = cost_json.relative_to(ROOT)
+        cost_note = [f"- time and memory targets: fresh adjacent host / MOONSHOT pairs from "
+                     f"`{cost_doc['command']}` ([`{cost_rel}`](../{cost_rel})); the seconds and RSS "
+                     "in the table below are those of each run, not all paired"]
     lines = [
         START,
         "## LLM: SmolLM2-135M (LLM Compressor hosts)",
@@ -191,6 +223,7 @@ def write_llm_report(results_json: pathlib.Path) -> None:
         f"- settings: {doc['settings']} (calibration: Emma + Pride and Prejudice + Sense and Sensibility; "
         "evaluation: Persuasion and the Python 3.11 tutorial, disjoint from calibration)",
         "- prune seconds and peak RSS are of the pruning step alone, each run in its own process.",
+        *cost_note,
         *[f"- note: {note}" for note in doc.get("notes", [])],
         "",
         "| sparsity | method | ppl Persuasion | ppl Python tutorial | prune s | peak RSS MB | code |",
@@ -202,7 +235,7 @@ def write_llm_report(results_json: pathlib.Path) -> None:
             f"| {sp} | {_label(run)} | {run['ppl_persuasion']:.2f} | {run['ppl_python-tutorial']:.2f} "
             f"| {run['prune_seconds']:.1f} | {run['peak_rss_mb']:.0f} | {run.get('code', 'session 1')} |"
         )
-    targets = _targets(runs, doc.get("unpaired_timing", []))
+    targets = _targets(runs, doc.get("unpaired_timing", []), cost_runs)
     if targets:
         at = "; ".join(
             f"{host} {sp}: lam={lam}{_options_text(options)}"

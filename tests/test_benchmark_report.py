@@ -43,3 +43,21 @@ def test_targets_use_the_default_run_and_the_best_taylor_only_run():
         # min(host 100, Taylor-only 95 / 98) = 95: 99 / 95
         "| 0.6 sparsegpt vs min(host, Taylor-only), python-tutorial | <= 1.0 | 1.042 | missed |",
     ]
+
+
+def test_cost_targets_come_from_the_cost_plan_pairs_when_given():
+    """With a cost file, time and memory are judged on its adjacent pairs at the
+    defaults; a pair whose MOONSHOT run is not at the defaults is ignored."""
+    runs = [_row("host", "2:4", "wanda"), _row("moonshot", "2:4", "wanda", 0.5)]  # ratio 1.00
+    cost = [
+        {**_row("host", "2:4", "wanda"), "prune_seconds": 50.0, "peak_rss_mb": 1000.0},
+        {**_row("moonshot", "2:4", "wanda", 0.5), "prune_seconds": 60.0, "peak_rss_mb": 1500.0},
+        {**_row("host", "2:4", "wanda"), "prune_seconds": 50.0},
+        {**_row("moonshot", "2:4", "wanda", 0.9), "prune_seconds": 500.0},  # not the default lam
+    ]
+    judged = [line for line in _targets(runs, cost_runs=cost) if " ratio" in line and "ppl" not in line]
+    assert judged == [
+        "| 2:4 wanda prune_seconds ratio (cost plan pair) | <= 1.5 | 1.20 | met |",
+        "| 2:4 wanda peak_rss_mb ratio (cost plan pair) | <= 1.3 | 1.50 | missed |",
+    ]
+    assert "| 2:4 wanda prune_seconds ratio | <= 1.5 | 1.00 | met |" in _targets(runs)
