@@ -210,9 +210,10 @@ def write_llm_report(results_json: pathlib.Path) -> None:
         cost_doc = json.loads(cost_json.read_text())
         cost_runs = cost_doc["runs"]
         cost_rel = cost_json.relative_to(ROOT)
-        cost_note = [f"- time and memory targets: fresh adjacent host / MOONSHOT pairs from "
-                     f"`{cost_doc['command']}` ([`{cost_rel}`](../{cost_rel})); the seconds and RSS "
-                     "in the table below are those of each run, not all paired"]
+        cost_note = [f"- time and memory targets: fresh adjacent host / MOONSHOT pairs of "
+                     f"`python -m benchmarks.llm --plan cost` ([`{cost_rel}`](../{cost_rel}); its "
+                     "command and notes give each invocation); the seconds and RSS in the table "
+                     "below are each run's own, not all paired"]
     lines = [
         START,
         "## LLM: SmolLM2-135M (LLM Compressor hosts)",
