@@ -158,12 +158,15 @@ def _plots(runs: list[dict[str, Any]], stem: str) -> list[str]:
                 for r in runs
                 if r["method"] == "moonshot" and r["host"] == host and r["sparsity"] == sp
                 and r["fisher_mode"] == "token" and r["lam"] != "auto"
+                # the sweep's own runs: row-shared objective (row weights are not a lam)
+                and not r.get("options", {}).get("row_weights")
             )
             base = _find(runs, method="host", host=host, sparsity=sp)
             if base:
                 pts = sorted(pts + [(0.0, base["ppl_persuasion"])])
             if pts:
-                ax.plot(*zip(*pts), "o-", color=color, label=host)
+                rows = " (row_weights off)" if host == "sparsegpt" and sp != "2:4" else ""
+                ax.plot(*zip(*pts), "o-", color=color, label=host + rows)
         ax.set_title(f"SmolLM2-135M, {'2:4' if sp == '2:4' else f'{float(sp):.0%} unstructured'}")
         ax.set_xlabel("taylor_weight (lam)")
         ax.set_ylabel("perplexity, Persuasion")
@@ -181,13 +184,16 @@ def _plots(runs: list[dict[str, Any]], stem: str) -> list[str]:
     order = {"2:4": 0.5, "0.5": 0.5, "0.6": 0.6, "0.7": 0.7}
     labels = sorted({_label(r) for r in runs if r["method"] != "dense" and r["sparsity"] != "2:4"
                      and (r["lam"] in (None, 0.5, 1.0, "auto"))})
-    for label in labels:
+    colors = plt.get_cmap("tab20").colors
+    for index, label in enumerate(labels):
         pts = sorted(
             (order[r["sparsity"]], r["ppl_persuasion"])
             for r in runs if _label(r) == label and r["sparsity"] != "2:4"
         )
+        # one line style per host, so eleven lines stay tellable apart
+        style = ":" if label == "magnitude" else "--" if "Wanda" in label else "-"
         if len(pts) > 1:
-            ax.plot(*zip(*pts), "o-", label=label)
+            ax.plot(*zip(*pts), marker="o", linestyle=style, color=colors[index % 20], label=label)
     ax.set_yscale("log")
     ax.set_xlabel("unstructured sparsity")
     ax.set_ylabel("perplexity, Persuasion (log)")
