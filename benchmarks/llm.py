@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.report import default_settings
+from benchmarks.report import cost_pairs, default_settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -347,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_cost_pairs(runs: list[dict[str, Any]]) -> None:
-    """MOONSHOT / host ratios of time, peak RSS and peak anonymous memory, per adjacent pair."""
-    for base, ours in zip(runs[::2], runs[1::2]):
+    """MOONSHOT / host ratios of time, peak RSS and peak anonymous memory, per
+    setting's last adjacent pair (the pairs the report judges)."""
+    for base, ours in cost_pairs(runs).values():
         ratios = {key: round(ours[key] / base[key], 2)
                   for key in ("prune_seconds", "peak_rss_mb", "peak_anonymous_mb") if key in base}
         print(f"{base['sparsity']:>4} {base['host']:9} host {base['prune_seconds']:.1f} s -> "

@@ -55,7 +55,7 @@ def default_settings(host: str, sparsity: str) -> tuple[float | str, dict[str, A
     return modifier.taylor_weight, options
 
 
-def _cost_pairs(cost_runs: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[dict, dict]]:
+def cost_pairs(cost_runs: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[dict, dict]]:
     """(sparsity, host) -> the last adjacent (host run, MOONSHOT run at the
     current defaults) pair of a ``--plan cost`` results list."""
     pairs = {}
@@ -124,7 +124,7 @@ def _targets(runs: list[dict[str, Any]], unpaired: list[str] = (),
             for text in TEXTS:
                 ratio = fixed[f"ppl_{text}"] / base[f"ppl_{text}"]
                 lines.append(f"| {sp} sparsegpt fixed lam=0.5, no row weights (the first default) vs host, {text} | - | {ratio:.3f} | informative |")
-    pairs = _cost_pairs(cost_runs) if cost_runs is not None else {}
+    pairs = cost_pairs(cost_runs) if cost_runs is not None else {}
     for sp in ("2:4", "0.5", "0.6", "0.7"):
         for host in ("sparsegpt", "wanda"):
             if cost_runs is not None:
