@@ -61,10 +61,11 @@ def cost_pairs(cost_runs: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[d
     pairs = {}
     for base, mine in zip(cost_runs, cost_runs[1:]):
         setting = (base["sparsity"], base["host"])
+        if (base["method"], mine["method"]) != ("host", "moonshot") or (
+            mine["sparsity"], mine["host"]) != setting:
+            continue  # not a pair (e.g. one pair's MOONSHOT run and the next pair's host)
         lam, options = default_settings(base["host"], base["sparsity"])
-        if (base["method"] == "host" and mine["method"] == "moonshot"
-                and (mine["sparsity"], mine["host"]) == setting
-                and mine["lam"] == lam and mine.get("options", {}) == options):
+        if mine["lam"] == lam and mine.get("options", {}) == options:
             pairs[setting] = (base, mine)
     return pairs
 
