@@ -31,7 +31,8 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.report import cost_pairs, default_settings
+from benchmarks.protocol import CALIBRATION_SOURCES, EVALUATION_TEXTS, HELDOUT_TEXTS, paired_ratios, ratio_table
+from benchmarks.report import _label, cost_pairs, default_settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -47,10 +48,9 @@ def _run(method: str, sparsity: str, host: str | None = None, lam: float | str |
     return {**run, "options": options} if options else run
 
 
-RUN_KEYS = ("method", "sparsity", "host", "lam", "fisher_mode", "options")
-PLANS = ("all", "2of4", "unstructured", "core", "sweep", "heldout", "cost")
+RUN_KEYS = ("method", "sparsity", "host", "lam", "fisher_mode", "options", "calib_source", "draw")
+PLANS = ("all", "2of4", "unstructured", "core", "sweep", "heldout", "cost", "defaults")
 EVAL_SETS = ("test", "heldout")
-HELDOUT_NOVEL = "mansfieldpark"  # Austen, in neither the calibration nor the evaluation texts
 
 
 def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
@@ -65,11 +65,13 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     held-out slice of the calibration side, to choose defaults without the
     evaluation text. ``cost`` reruns each host next to MOONSHOT at its
     defaults (time, peak RSS, peak anonymous memory; use its own ``--output``).
-    ``sparsities`` / ``hosts`` restrict any plan.
+    ``defaults`` is the same pairs for quality under the protocol.
+    ``sparsities`` / ``hosts`` restrict any plan; :func:`over_draws` repeats
+    each run over calibration sources and draws.
     """
     if plan not in PLANS:
         raise SystemExit(f"--plan must be one of {', '.join(PLANS)}; got {plan!r}")
-    if plan == "cost":  # fresh adjacent pairs: the host, then MOONSHOT at its defaults
+    if plan in ("cost", "defaults"):  # adjacent pairs: the host, then MOONSHOT at its defaults
         return [run for sp in sparsities for host in hosts
                 for run in (_run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]))]
     runs: list[dict[str, Any]] = [_run("dense", "0")]
@@ -127,38 +129,46 @@ def _moonshot(sparsity: str, host: str, lam: float | str, **options: Any) -> dic
     return _run("moonshot", sparsity, host, lam, "token", **options)
 
 
+def over_draws(runs: list[dict[str, Any]], sources: tuple[str, ...], draws: int) -> list[dict[str, Any]]:
+    """Each run once per (calibration source, draw), the draws of one source
+    innermost so a setting's host / MOONSHOT pairs of one draw stay adjacent.
+    Dense runs use no calibration and run once."""
+    expanded = [r for r in runs if r["method"] == "dense"]
+    calibrated = [r for r in runs if r["method"] != "dense"]
+    for source in sources:
+        for draw in range(draws):
+            expanded += [{**r, "calib_source": source, "draw": draw} for r in calibrated]
+    return expanded
+
+
 def run_key(run: dict[str, Any], settings: dict[str, Any]) -> str:
     return json.dumps({**run, **settings}, sort_keys=True)
 
 
 # -- one run, in a child process -------------------------------------------
-def _data(settings: dict[str, Any]):
-    """Calibration loader and evaluation ids (token ids cached on disk)."""
+def _data(settings: dict[str, Any], run: dict[str, Any]):
+    """Calibration loader of the run's (source, draw) and evaluation ids
+    (token ids cached on disk), see :mod:`benchmarks.protocol`."""
     import torch
     from transformers import AutoTokenizer
 
-    from moonshot_plugins.assets import austen_novels, cache_dir, python_docs, smollm2_dir
-    from moonshot_plugins.cli import CALIBRATION_NOVELS, EVALUATION_DOCS, EVALUATION_NOVEL
-    from moonshot_plugins.lm import calibration_loader, tokenize
+    from benchmarks.protocol import EVALUATION_TEXTS, HELDOUT_TEXTS, draw_loader, text_sources
+    from moonshot_plugins.assets import cache_dir, smollm2_dir
+    from moonshot_plugins.lm import tokenize
 
     model_dir = smollm2_dir()
-    cache = cache_dir() / "benchmark-tokens.pt"
+    cache = cache_dir() / "benchmark-protocol-tokens.pt"
     ids = torch.load(cache) if cache.exists() else {}
-    texts = {
-        "calib": lambda novels: "\n".join(novels[n] for n in CALIBRATION_NOVELS),
-        EVALUATION_NOVEL: lambda novels: novels[EVALUATION_NOVEL],
-        f"python-{EVALUATION_DOCS}": lambda novels: python_docs(EVALUATION_DOCS),
-        HELDOUT_NOVEL: lambda novels: novels[HELDOUT_NOVEL],
-    }
+    texts = text_sources()
     if set(texts) - set(ids):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        novels = austen_novels()
-        ids = {name: ids.get(name) if name in ids else tokenize(tokenizer, text(novels))
+        ids = {name: ids[name] if name in ids else tokenize(tokenizer, text())
                for name, text in texts.items()}
         torch.save(ids, cache)
-    loader = calibration_loader(ids["calib"], settings["calib_samples"], settings["seq_len"])
-    names = [HELDOUT_NOVEL] if settings.get("eval_set") == "heldout" else [
-        EVALUATION_NOVEL, f"python-{EVALUATION_DOCS}"]
+    loader = None
+    if "calib_source" in run:
+        loader = draw_loader(ids[run["calib_source"]], settings["calib_samples"], settings["seq_len"], run["draw"])
+    names = HELDOUT_TEXTS if settings.get("eval_set") == "heldout" else EVALUATION_TEXTS
     evals = {k: ids[k][: settings["eval_tokens"]] for k in names}
     return model_dir, loader, evals
 
@@ -226,7 +236,7 @@ def run_one(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     from moonshot_plugins.lm import perplexity, run_oneshot
 
     torch.manual_seed(0)
-    model_dir, loader, evals = _data(settings)
+    model_dir, loader, evals = _data(settings, run)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
@@ -281,11 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", action="append", choices=("sparsegpt", "wanda"), help="restrict to these hosts (repeatable)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each evaluation text")
+    parser.add_argument("--calib-source", action="append", choices=CALIBRATION_SOURCES,
+                        help="restrict to these calibration sources (repeatable; default: all)")
+    parser.add_argument("--draws", type=int, default=3, help="calibration draws per source (seeds 0..N-1)")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--eval-set", default="test", choices=EVAL_SETS,
-                        help="test: Persuasion + Python tutorial (the reported table); heldout: "
-                        f"{HELDOUT_NOVEL} only, for choosing modelling defaults without the test texts")
+                        help=f"test: {', '.join(EVALUATION_TEXTS)} (the reported tables); heldout: "
+                        f"{', '.join(HELDOUT_TEXTS)}, for choosing defaults without the test texts")
     parser.add_argument("--output", type=pathlib.Path, default=None, help="results JSON (default: benchmarks/results/<date>-<host>[-heldout].json)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite docs/results.md from --output")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of one run
@@ -310,13 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.report_only:
         done = {run_key({k: r[k] for k in RUN_KEYS if k in r}, doc["settings"]) for r in doc["runs"]}
-        full_plan = make_plan(args.plan, tuple(args.sparsity or SPARSITIES), tuple(args.host or ("sparsegpt", "wanda")))
+        full_plan = over_draws(
+            make_plan(args.plan, tuple(args.sparsity or SPARSITIES), tuple(args.host or ("sparsegpt", "wanda"))),
+            tuple(args.calib_source or CALIBRATION_SOURCES), args.draws)
         plan = [r for r in full_plan if run_key(r, settings) not in done]
         if doc["settings"] != settings and doc["runs"]:
             raise SystemExit(f"{output} holds runs with settings {doc['settings']}; use another --output")
         for index, run in enumerate(plan, 1):
             label = (f"[{index}/{len(plan)}] {run['method']} {run['host'] or ''} {run['sparsity']} "
-                     f"lam={run['lam']} {run['fisher_mode']} {run.get('options', '')}")
+                     f"lam={run['lam']} {run['fisher_mode']} {run.get('options', '')} "
+                     f"{run.get('calib_source', '')} draw {run.get('draw', '-')}")
             print(label, flush=True)
             child = subprocess.run(
                 [sys.executable, "-m", "benchmarks.llm", "--one", json.dumps(run), *_settings_args(settings)],
@@ -335,15 +351,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan == "cost":
         _print_cost_pairs(doc["runs"])
         return 0
-    if args.eval_set == "heldout":
-        for r in doc["runs"]:
-            print(f"{r['sparsity']:>4} {r['method']:9} {r['host'] or '':9} lam={r['lam']!s:5} "
-                  f"{r.get('options', '')!s:22} ppl {HELDOUT_NOVEL} {r['ppl_' + HELDOUT_NOVEL]:.2f}")
-        return 0
-    from benchmarks.report import write_llm_report
-
-    write_llm_report(output)
+    texts = HELDOUT_TEXTS if args.eval_set == "heldout" else EVALUATION_TEXTS
+    print("\n".join(protocol_tables(doc["runs"], texts)))
     return 0
+
+
+def protocol_tables(runs: list[dict[str, Any]], texts: tuple[str, ...]) -> list[str]:
+    """One markdown table per (sparsity, host): every configuration's paired
+    ratio to the host per (calibration source, text) cell, mean ± s.e."""
+    lines = []
+    runs = [r for r in runs if "calib_source" in r]
+    for sparsity, host in dict.fromkeys((r["sparsity"], r["host"]) for r in runs if r["method"] == "host"):
+        setting = [r for r in runs if r["sparsity"] == sparsity and r["host"] in (host, None)]
+        configs = dict.fromkeys(_config(r) for r in setting if r["method"] not in ("host", "dense"))
+        rows = [(_label(json.loads(c)), paired_ratios(setting, lambda r, c=c: _config(r) == c, texts)) for c in configs]
+        lines += [f"\n{sparsity} {host}: ratio to the host, mean ± s.e. over draws", *ratio_table(rows, texts)]
+    return lines
+
+
+def _config(run: dict[str, Any]) -> str:
+    """A run's method configuration (everything but calibration source and draw), as JSON."""
+    return json.dumps({k: run[k] for k in RUN_KEYS[:6] if k in run}, sort_keys=True)
 
 
 def _print_cost_pairs(runs: list[dict[str, Any]]) -> None:
