@@ -1,6 +1,6 @@
 import pytest
 
-from moonshot_plugins.testing import save_tiny_llama
+from tests.tiny_models import save_tiny_llama
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,7 @@ def _save_model(shape: str, path: pathlib.Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from moonshot_plugins.testing import make_tiny_tokenizer
+    from tests.tiny_models import make_tiny_tokenizer
 
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=4096, **SHAPES[shape])

@@ -174,9 +174,9 @@ def _data(settings: dict[str, Any], run: dict[str, Any]):
 
 
 def _structure(sparsity: str) -> dict[str, Any]:
-    from moonshot_plugins.cli import _mask_settings
+    from moonshot_plugins.core.mask_structure import sparsity_settings
 
-    return _mask_settings(sparsity)
+    return sparsity_settings(sparsity)
 
 
 def _magnitude(model, structure: dict[str, Any]) -> None:
@@ -184,8 +184,9 @@ def _magnitude(model, structure: dict[str, Any]) -> None:
     import torch
 
     from moonshot_plugins.core import row_wise_mask
+    from moonshot_plugins.core.mask_structure import parse_mask_structure
 
-    n, m = map(int, structure["mask_structure"].split(":"))
+    n, m = parse_mask_structure(structure["mask_structure"])
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):

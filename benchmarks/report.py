@@ -145,7 +145,12 @@ def _targets(runs: list[dict[str, Any]], unpaired: list[str] = (),
 
 
 def _plots(runs: list[dict[str, Any]], stem: str) -> list[str]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        from moonshot_plugins.assets import DEMO_EXTRA_INSTALL
+
+        raise ImportError(f"the report's plots need matplotlib, part of the demo extra: {DEMO_EXTRA_INSTALL}") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

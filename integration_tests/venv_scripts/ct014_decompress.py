@@ -1,4 +1,4 @@
-"""Child script run by the compressed-tensors 0.14.0 venv (see moonshot_plugins.serving).
+"""Child script run by the compressed-tensors 0.14.0 venv (see integration_tests/venvs.py).
 
 Usage: python ct014_decompress.py REQUEST.json RESPONSE.json
 

@@ -1,4 +1,4 @@
-"""Child script run by the vLLM venv's python (see moonshot_plugins.serving).
+"""Child script run by the vLLM venv's python (see integration_tests/venvs.py).
 
 Usage: python vllm_greedy.py REQUEST.json RESPONSE.json
 
