@@ -112,14 +112,14 @@ def test_modifiers_registered_for_recipes():
 def test_bf16_gradient_pass_estimates_the_fp32_fisher(tiny_llama_dir, loader):
     """The default bf16 autocast changes the Fisher by rounding only."""
     from moonshot_plugins.core import FisherCollector, run_gradient_pass
-    from moonshot_plugins.llmcompressor.base import _CausalLMLosses
+    from moonshot_plugins.llmcompressor.causal_lm import CausalLMLosses
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     layers = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))}
     fishers = {}
     for dtype in (None, torch.bfloat16):
         collector = FisherCollector(layers, fisher_mode="token")
-        run_gradient_pass(model, loader, collector, _CausalLMLosses(), autocast_dtype=dtype)
+        run_gradient_pass(model, loader, collector, CausalLMLosses(), autocast_dtype=dtype)
         fishers[dtype] = {n: collector.fisher(n) for n in layers}
     for name in layers:
         exact, approx = fishers[None][name], fishers[torch.bfloat16][name]
@@ -183,7 +183,7 @@ def test_token_reweighting_gives_the_moonshot_hessian(monkeypatch, tiny_llama_di
     oneshot builds by default): the Taylor weights must follow their samples."""
     from torch.utils.data import DataLoader
     from moonshot_plugins.core import FisherCollector, combine_hessians, run_gradient_pass
-    from moonshot_plugins.llmcompressor.base import _CausalLMLosses
+    from moonshot_plugins.llmcompressor.causal_lm import CausalLMLosses
 
     lam = 0.6
     host = _hessians_at_compression(monkeypatch, tiny_llama_dir, SparseGPTModifier(**COMMON), loader)
@@ -200,7 +200,7 @@ def test_token_reweighting_gives_the_moonshot_hessian(monkeypatch, tiny_llama_di
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     layers = {n: m for n, m in model.named_modules() if n in host}
     collector = FisherCollector(layers, fisher_mode="token")
-    run_gradient_pass(model, loader, collector, _CausalLMLosses())
+    run_gradient_pass(model, loader, collector, CausalLMLosses())
     assert set(host) == set(ours) and len(host) == 7
     for name in host:
         expected = combine_hessians(host[name], collector.fisher(name), lam)
@@ -213,7 +213,7 @@ def test_activation_checkpointing_keeps_the_statistics(tiny_llama_dir, loader):
     (hooks fire again in the recomputation, but only the original outputs
     receive gradients), and the layers' forward is restored afterwards."""
     from moonshot_plugins.core import FisherCollector, run_gradient_pass
-    from moonshot_plugins.llmcompressor.base import _CausalLMLosses
+    from moonshot_plugins.llmcompressor.causal_lm import CausalLMLosses
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     layers = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "o_proj", "down_proj"))}
@@ -222,7 +222,7 @@ def test_activation_checkpointing_keeps_the_statistics(tiny_llama_dir, loader):
         weights = FisherCollector(layers, matrix=False, token_weights=True)
         matrix = FisherCollector(layers)
         for collector in (weights, matrix):
-            used = run_gradient_pass(model, loader, collector, _CausalLMLosses(), checkpoint_modules=blocks)
+            used = run_gradient_pass(model, loader, collector, CausalLMLosses(), checkpoint_modules=blocks)
             assert used == 6
         results.append((weights, matrix))
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
@@ -238,11 +238,11 @@ def test_gradient_pass_losses_split_the_head_only_when_exact(tiny_llama_dir, loa
     """The LM loss of the gradient pass runs the head in chunks for a plain
     body+head model and gives the model's own per-sample losses."""
     from moonshot_plugins.core import causal_lm_sample_losses
-    from moonshot_plugins.llmcompressor.base import _CausalLMLosses
+    from moonshot_plugins.llmcompressor.causal_lm import CausalLMLosses
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     batch = next(iter(loader))
-    losses = _CausalLMLosses()
+    losses = CausalLMLosses()
     ours = losses(model, batch)
     assert losses.chunked is True
     reference = causal_lm_sample_losses(model(**batch).logits, batch["input_ids"], batch["attention_mask"])
@@ -261,7 +261,7 @@ def test_gradient_pass_losses_split_the_head_only_when_exact(tiny_llama_dir, loa
     wrapped = ScaledHead(model)
     wrapped.base_model = model.model
     wrapped.get_output_embeddings = model.get_output_embeddings
-    losses = _CausalLMLosses()
+    losses = CausalLMLosses()
     losses(wrapped, batch)
     assert losses.chunked is False
 
@@ -285,7 +285,7 @@ def test_auto_taylor_weight_picks_a_lam_per_layer(tiny_llama_dir, loader):
     compress = MoonshotSparseGPTModifier.compress_modules
 
     def spy(self):
-        lams.update({self._module_names[m]: self._layer_taylor_weight[m] for m in self._num_samples})
+        lams.update({self._module_names[m]: self._layer_statistics[m].taylor_weight for m in self._num_samples})
         return compress(self)
 
     MoonshotSparseGPTModifier.compress_modules = spy
@@ -308,16 +308,16 @@ def test_auto_taylor_weight_needs_token_mode(cls):
 def test_wanda_auto_taylor_weight_picks_a_lam_per_layer(tiny_llama_dir, loader, monkeypatch):
     """Wanda's auto: the same rule on the same per-position weights, one lam per
     layer reaching the combined diagonal."""
-    import moonshot_plugins.llmcompressor.base as base
+    import moonshot_plugins.llmcompressor.wanda as wanda
 
     lams = []
-    combine = base.combine_diagonal
+    combine = wanda.combine_diagonal
 
     def spy(row_scalars, fisher, lam):
         lams.append(lam)
         return combine(row_scalars, fisher, lam)
 
-    monkeypatch.setattr(base, "combine_diagonal", spy)
+    monkeypatch.setattr(wanda, "combine_diagonal", spy)
     auto = prune(tiny_llama_dir, MoonshotWandaModifier(**COMMON, taylor_weight="auto"), loader)
     assert len(lams) == 14 and all(0.0 <= lam <= 1.0 for lam in lams)
     assert len(set(lams)) > 1  # really per layer

@@ -13,7 +13,10 @@ from moonshot_plugins.core.fisher import (
     frozen_parameters,
     layer_inputs,
     layer_output_grads,
+    release_freed_memory,
+    restore_weight,
     run_gradient_pass,
+    standardized_weight,
     validate_fisher_mode,
 )
 from moonshot_plugins.core.objective import (
@@ -37,7 +40,10 @@ __all__ = [
     "frozen_parameters",
     "layer_inputs",
     "layer_output_grads",
+    "release_freed_memory",
+    "restore_weight",
     "run_gradient_pass",
+    "standardized_weight",
     "validate_fisher_mode",
     "AUTO",
     "auto_taylor_weight",

@@ -2,14 +2,24 @@
 
 After ``import moonshot_plugins`` the names ``MoonshotSparseGPTModifier`` and
 ``MoonshotWandaModifier`` work in recipe YAML and in ``oneshot(recipe=...)``.
+
+Each modifier is its host (``SparseGPTModifier`` / ``WandaPruningModifier``)
+plus one gradient pass on the dense model before sequential pruning; all math
+lives in :mod:`moonshot_plugins.core`, these files only translate the hosts'
+lifecycle:
+
+- ``sparsegpt.py``, ``wanda.py``: the two modifiers (fields and host hooks);
+- ``mixin.py``: their shared fields and the gradient pass at ``on_initialize``;
+- ``gradient_pass.py``: the pass and its per-layer record, ``LayerTaylorStatistics``;
+- ``token_reweighting.py``: SparseGPT's token mode (inputs reweighted, samples matched);
+- ``row_weights.py``: SparseGPT's per-row objective weights;
+- ``causal_lm.py``: the per-sample causal-LM losses the pass differentiates.
 """
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
-from moonshot_plugins.llmcompressor.base import (
-    MoonshotSparseGPTModifier,
-    MoonshotWandaModifier,
-)
+from moonshot_plugins.llmcompressor.sparsegpt import MoonshotSparseGPTModifier
+from moonshot_plugins.llmcompressor.wanda import MoonshotWandaModifier
 
 __all__ = ["MoonshotSparseGPTModifier", "MoonshotWandaModifier"]
 
