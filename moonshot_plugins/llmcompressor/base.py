@@ -47,11 +47,7 @@ from moonshot_plugins.core import (
     validate_fisher_mode,
     validate_taylor_weight,
 )
-from moonshot_plugins.core.fisher import (
-    release_freed_memory,
-    restore_weight,
-    standardized_weight,
-)
+from moonshot_plugins.core import release_freed_memory, restore_weight, standardized_weight
 
 __all__ = ["MoonshotSparseGPTModifier", "MoonshotWandaModifier"]
 
