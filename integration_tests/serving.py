@@ -90,7 +90,7 @@ def quantize_w8a8(pruned_dir: str | os.PathLike[str], output_dir: str | os.PathL
     output_dir = Path(output_dir)
     from llmcompressor import oneshot
 
-    import moonshot_plugins  # noqa: F401  (registers the MOONSHOT modifiers)
+    import moonshot_plugins.llmcompressor  # noqa: F401  (registers the MOONSHOT modifiers)
 
     with atomic_directory(output_dir) as staging:
         oneshot(model=os.fspath(pruned_dir), recipe=yaml.safe_dump(stage, sort_keys=False),

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from moonshot_plugins.checkpoint import register_cli as register_checkpoint_cli
-from moonshot_plugins.core.fisher import FISHER_MODES
+from moonshot_plugins.core import FISHER_MODES
 from moonshot_plugins.core.mask_structure import UNSTRUCTURED, sparsity_settings
 
 __all__ = ["main"]

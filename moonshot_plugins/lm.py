@@ -121,7 +121,7 @@ def run_oneshot(
     """
     from llmcompressor import oneshot
 
-    import moonshot_plugins  # noqa: F401  (registers the MOONSHOT modifiers)
+    import moonshot_plugins.llmcompressor  # noqa: F401  (registers the MOONSHOT modifiers)
 
     if isinstance(model, pathlib.Path):
         model = str(model)  # oneshot only treats str as a path

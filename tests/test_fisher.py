@@ -10,12 +10,13 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from moonshot_plugins.core import FisherCollector, run_gradient_pass
-from moonshot_plugins.core.fisher import (
+from moonshot_plugins.core import (
+    FisherCollector,
     causal_lm_sample_losses,
     layer_inputs,
     layer_output_grads,
     restore_weight,
+    run_gradient_pass,
     standardized_weight,
 )
 

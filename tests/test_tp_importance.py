@@ -13,8 +13,7 @@ import torch_pruning as tp
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from moonshot_plugins.core import FisherCollector, run_gradient_pass
-from moonshot_plugins.core.fisher import layer_inputs
+from moonshot_plugins.core import FisherCollector, layer_inputs, run_gradient_pass
 from moonshot_plugins.torch_pruning import MoonshotImportance
 
 N = 6

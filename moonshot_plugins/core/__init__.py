@@ -2,22 +2,55 @@
 
 Nothing here imports LLM Compressor or Torch-Pruning; the adapters translate
 their hosts' state into these tensor functions.
+
+* :mod:`~moonshot_plugins.core.layers`: supported layers and their weights,
+  inputs and output gradients in the standardised (d_out, d_in) orientation
+* :mod:`~moonshot_plugins.core.collector`: :class:`FisherCollector`, the
+  hooks that accumulate the empirical Fisher statistics
+* :mod:`~moonshot_plugins.core.token_statistics`: the token Fisher kept as
+  per-position weights
+* :mod:`~moonshot_plugins.core.norm_fisher`: the Fisher of a norm layer's gamma
+* :mod:`~moonshot_plugins.core.losses`: per-sample losses
+* :mod:`~moonshot_plugins.core.gradient_pass`: the forward/backward driver
+* :mod:`~moonshot_plugins.core.objective`: combining reconstruction and Taylor
+* :mod:`~moonshot_plugins.core.sparsify`: masks of per-weight score hosts
+* :mod:`~moonshot_plugins.core.channel_scores`: per-channel scores of
+  structured pruning
 """
 
-from moonshot_plugins.core.fisher import (
-    FISHER_MODES,
-    FisherCollector,
+from moonshot_plugins.core.channel_scores import (
+    OBJECTIVE_SCALES,
+    RECON_SCALES,
+    depthwise_channel_errors,
+    input_channel_errors,
+    mixed_channel_scores,
+    obd_input_channel_scores,
+    obd_norm_channel_scores,
+    obd_output_channel_scores,
+    output_channel_errors,
+    pooled_mean,
+    relative_errors,
+)
+from moonshot_plugins.core.collector import FISHER_MODES, FisherCollector, validate_fisher_mode
+from moonshot_plugins.core.gradient_pass import (
     activation_checkpointing,
-    causal_lm_sample_losses,
-    chunked_causal_lm_sample_losses,
     frozen_parameters,
+    release_freed_memory,
+    run_gradient_pass,
+)
+from moonshot_plugins.core.layers import (
+    has_affine_weight,
+    is_depthwise_conv,
+    is_norm_layer,
     layer_inputs,
     layer_output_grads,
-    release_freed_memory,
     restore_weight,
-    run_gradient_pass,
     standardized_weight,
-    validate_fisher_mode,
+)
+from moonshot_plugins.core.losses import (
+    causal_lm_sample_losses,
+    chunked_causal_lm_sample_losses,
+    classification_sample_losses,
 )
 from moonshot_plugins.core.objective import (
     AUTO,
@@ -34,17 +67,21 @@ from moonshot_plugins.core.sparsify import moonshot_wanda_scores, row_wise_mask
 __all__ = [
     "FISHER_MODES",
     "FisherCollector",
+    "validate_fisher_mode",
     "activation_checkpointing",
-    "causal_lm_sample_losses",
-    "chunked_causal_lm_sample_losses",
     "frozen_parameters",
+    "release_freed_memory",
+    "run_gradient_pass",
+    "has_affine_weight",
+    "is_depthwise_conv",
+    "is_norm_layer",
     "layer_inputs",
     "layer_output_grads",
-    "release_freed_memory",
     "restore_weight",
-    "run_gradient_pass",
     "standardized_weight",
-    "validate_fisher_mode",
+    "causal_lm_sample_losses",
+    "chunked_causal_lm_sample_losses",
+    "classification_sample_losses",
     "AUTO",
     "auto_taylor_weight",
     "combine_diagonal",
@@ -55,4 +92,15 @@ __all__ = [
     "validate_taylor_weight",
     "moonshot_wanda_scores",
     "row_wise_mask",
+    "OBJECTIVE_SCALES",
+    "RECON_SCALES",
+    "depthwise_channel_errors",
+    "input_channel_errors",
+    "mixed_channel_scores",
+    "obd_input_channel_scores",
+    "obd_norm_channel_scores",
+    "obd_output_channel_scores",
+    "output_channel_errors",
+    "pooled_mean",
+    "relative_errors",
 ]

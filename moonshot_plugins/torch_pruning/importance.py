@@ -1,32 +1,21 @@
 """MOONSHOT channel importance for Torch-Pruning.
 
-For every channel of a Torch-Pruning group, MOONSHOT scores
-
-    (1 - lam) * recon / mean(recon)  +  lam * taylor / mean(taylor)
-
-* ``recon``: the reconstruction error that removing the channel alone causes
-  in the outputs of the group's layers, from the input second moment
-  M = (1/N) sum_i X_i^T X_i of each layer (forward hooks):
-  removed output channel k of a Linear/Conv: w_k^T M w_k;
-  removed input channel j: sum_o w_oj^T M_jj w_oj (= ||W[:, j]||^2 M_jj for
-  a Linear; for a Conv, M_jj is the kh*kw block of channel j);
-  depthwise conv channel c: w_c^T M_c w_c. With ``recon_scale="layer"``
-  (default) each layer's errors are divided by the layer's output energy
-  trace(W M W^T), i.e. they are the fraction of that layer's output removed,
-  so layers of different scale weigh alike.
-* ``taylor``: Optimal Brain Damage, sum of w^2 * F over the channel's weights
-  with F the per-sample empirical Fisher diagonal -- Torch-Pruning's
-  ``HessianImportance`` term for term (the same layers, the same handlers).
+For every channel of a Torch-Pruning group, MOONSHOT mixes the reconstruction
+error of removing the channel with its Optimal Brain Damage term; the math is
+in :mod:`moonshot_plugins.core.channel_scores`. This adapter maps each of the
+group's layers and Torch-Pruning handlers onto those functions: output-channel
+handlers score output channels, input-channel handlers input channels, norm
+handlers the affine weight. The Taylor term is Torch-Pruning's
+``HessianImportance`` term for term (the same layers, the same handlers) with
+the per-sample empirical Fisher diagonal.
 
 Per-layer terms are reduced over the group with Torch-Pruning's own
 ``_reduce`` (``group_reduction``), separately for the two objectives. Each is
-then divided by its scale over the group's channels (``objective_scale``: the
-mean, or the median -- the typical channel, near where the pruning decision
-is made, rather than the few large channels that no ratio prunes), mixed, and
-the mix is normalised with Torch-Pruning's ``_normalize`` (``normalizer``).
-Hence ``lam=1`` returns exactly what ``HessianImportance`` returns when its
-gradients hold the same Fisher, and ``lam=0`` is the reconstruction criterion
-alone.
+then divided by its scale over the group's channels (``objective_scale``),
+mixed, and the mix is normalised with Torch-Pruning's ``_normalize``
+(``normalizer``). Hence ``lam=1`` returns exactly what ``HessianImportance``
+returns when its gradients hold the same Fisher, and ``lam=0`` is the
+reconstruction criterion alone.
 
 The statistics come from one calibration loop (:meth:`MoonshotImportance.calibrate`
 or :meth:`MoonshotImportance.accumulate`): a forward pass feeds the input
@@ -46,24 +35,37 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import torch_pruning as tp
 from torch_pruning.pruner import function
 
 from moonshot_plugins.core import (
+    OBJECTIVE_SCALES,
+    RECON_SCALES,
     FisherCollector,
+    classification_sample_losses,
+    depthwise_channel_errors,
     frozen_parameters,
+    has_affine_weight,
+    input_channel_errors,
+    is_depthwise_conv,
+    is_norm_layer,
+    mixed_channel_scores,
+    obd_input_channel_scores,
+    obd_norm_channel_scores,
+    obd_output_channel_scores,
+    output_channel_errors,
+    pooled_mean,
+    relative_errors,
     run_gradient_pass,
     validate_fisher_mode,
     validate_taylor_weight,
 )
-from moonshot_plugins.core.fisher import is_norm_layer
 
 __all__ = [
     "MoonshotImportance",
@@ -73,8 +75,6 @@ __all__ = [
     "classification_sample_losses",
 ]
 
-OBJECTIVE_SCALES: tuple[str, ...] = ("mean", "median")
-RECON_SCALES: tuple[str, ...] = ("layer", "none")
 RECON_TERMS: tuple[str, ...] = ("all", "inputs")
 _MAX_EXACT_INDEX = 2**24  # float32 holds every integer below this exactly
 
@@ -86,27 +86,11 @@ _DEPTHWISE = (
 )
 
 
-def classification_sample_losses(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Per-sample cross-entropy of a ``(inputs, labels)`` batch: (B,)."""
-    inputs, labels = batch[0], batch[1]
-    return F.cross_entropy(model(inputs), labels, reduction="none")
-
-
-def _is_depthwise(layer: nn.Module) -> bool:
-    return (
-        isinstance(layer, nn.Conv2d)
-        and layer.groups > 1
-        and layer.groups == layer.in_channels
-        and layer.groups == layer.out_channels
-    )
-
-
 def _scored_layer(module: nn.Module) -> bool:
     if is_norm_layer(module):
-        affine = getattr(module, "affine", getattr(module, "elementwise_affine", False))
-        return bool(affine) and module.weight is not None
+        return has_affine_weight(module)
     if isinstance(module, nn.Conv2d):
-        return module.groups == 1 or _is_depthwise(module)
+        return module.groups == 1 or is_depthwise_conv(module)
     return isinstance(module, nn.Linear)
 
 
@@ -134,7 +118,7 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
     :param objective_scale: what each objective is divided by before mixing:
         "mean" or "median" of its channel scores in the group
     :param fisher_mode: "sample" (per-sample gradients, as OBD /
-        ``HessianImportance``) or "token" (see :mod:`moonshot_plugins.core.fisher`)
+        ``HessianImportance``) or "token" (see :mod:`moonshot_plugins.core.collector`)
     :param recon_scale: "layer" (each layer's errors relative to its output
         energy) or "none" (raw squared errors)
     :param recon_terms: "all" (output- and input-channel errors) or "inputs"
@@ -259,23 +243,13 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
                         model(inputs)
                         used += inputs.shape[0]
             else:
+                # calibrate() has entered the collector and frozen the parameters
+                # already, so the gradient pass gets a context that does nothing
                 used = run_gradient_pass(
-                    model, batches, self._collector_proxy(), sample_losses, max_samples,
+                    model, batches, nullcontext(), sample_losses, max_samples,
                     desc="MOONSHOT calibration",
                 )
         return used
-
-    def _collector_proxy(self):
-        # run_gradient_pass enters the collector as a context manager and
-        # freezes parameters; calibrate() has done both already.
-        class _Noop:
-            def __enter__(self_inner):
-                return self_inner
-
-            def __exit__(self_inner, *exc):
-                return None
-
-        return _Noop()
 
     def _store(self, layers: dict[str, nn.Module], collector: FisherCollector) -> None:
         seen_any = False
@@ -284,12 +258,12 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
             if not is_norm_layer(layer) and collector.num_moment_samples[name] > 0:
                 moment = collector.input_moment(name)
                 n_new = collector.num_moment_samples[name]
-                self._moments[name] = _running_mean(self._moments.get(name), moment, self._num_samples, n_new)
+                self._moments[name] = pooled_mean(self._moments.get(name), moment, self._num_samples, n_new)
                 seen_any = True
             if collector.diagonal and collector.num_samples[name] > 0:
                 fisher = collector.diagonal_fisher(name).reshape(layer.weight.shape)
                 n_new = collector.num_samples[name]
-                self._fishers[name] = _running_mean(self._fishers.get(name), fisher, self._num_samples, n_new)
+                self._fishers[name] = pooled_mean(self._fishers.get(name), fisher, self._num_samples, n_new)
                 self._has_fisher = True
                 seen_any = True
         if seen_any:
@@ -390,13 +364,8 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
             return self._normalize(taylor, self.normalizer)
         if self.lam == 0.0 or taylor is None:
             return self._normalize(recon, self.normalizer)
-        mix = (1.0 - self.lam) * self._unit_scale(recon) + self.lam * self._unit_scale(taylor)
+        mix = mixed_channel_scores(recon, taylor, self.lam, self.objective_scale)
         return self._normalize(mix, self.normalizer)
-
-    def _unit_scale(self, scores: torch.Tensor) -> torch.Tensor:
-        """``scores`` over the group's channels divided by their mean or median."""
-        scale = scores.mean() if self.objective_scale == "mean" else scores.median()
-        return scores / scale.clamp(min=torch.finfo(scores.dtype).tiny)
 
     def _taylor(self, name, layer, prune_fn, index, idxs) -> torch.Tensor | None:
         """HessianImportance's local term with h = the Fisher of the remaining weights."""
@@ -405,21 +374,16 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
             return None
         h = fisher.flatten().to(layer.weight.device)[index.flatten()].view(layer.weight.shape)
         w = layer.weight.detach()
+        transposed = getattr(layer, "transposed", False)
         if prune_fn in _OUT:
-            if getattr(layer, "transposed", False):
-                w, h = w.transpose(1, 0), h.transpose(1, 0)
-            return (w[idxs].flatten(1) ** 2 * h[idxs].flatten(1)).sum(1)
+            return obd_output_channel_scores(w, h, idxs, transposed)
         if prune_fn in _IN:
-            if getattr(layer, "transposed", False):
-                w, h = w.flatten(1), h.flatten(1)
-            else:
-                w, h = w.transpose(0, 1).flatten(1), h.transpose(0, 1).flatten(1)
-            local = (w**2 * h).sum(1)
+            local = obd_input_channel_scores(w, h, transposed)
             if prune_fn == function.prune_conv_in_channels and layer.groups != layer.in_channels and layer.groups != 1:
                 local = local.repeat(layer.groups)
             return local[idxs]
         if prune_fn in (function.prune_batchnorm_out_channels, function.prune_layernorm_out_channels):
-            return (w[idxs] ** 2 * h[idxs])
+            return obd_norm_channel_scores(w, h, idxs)
         return None
 
     def _recon(self, name, layer, prune_fn, index) -> torch.Tensor | None:
@@ -429,38 +393,25 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
             return None
         w = layer.weight.detach().float()
         moment = moment.to(w.device)
-        if _is_depthwise(layer):
+        if is_depthwise_conv(layer):
             if prune_fn not in _DEPTHWISE + _OUT + _IN:
                 return None
             channels = index.flatten(1)[:, 0] // index[0].numel()  # original channel of each row
-            m = moment[channels]  # (C, k, k)
-            wf = w.flatten(1)
-            errors = torch.einsum("ck,ckl,cl->c", wf, m, wf)
-            return self._scaled(errors, errors.sum())
+            errors = depthwise_channel_errors(w.flatten(1), moment[channels])
+            return relative_errors(errors, errors.sum(), self.recon_scale)
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             return None
         wf = w.flatten(1)  # (d_out, d_in) with d_in = C_in * kh * kw
         d_in_orig = self._shapes[name][1:].numel()
         cols = index.flatten(1)[0] % d_in_orig  # original input column of each current column
         m = moment[cols][:, cols]
-        energy = ((wf @ m) * wf).sum(1)  # w_k^T M w_k
+        energy = output_channel_errors(wf, m)
         if prune_fn in _OUT:
-            return self._scaled(energy, energy.sum()) if self.recon_terms == "all" else None
+            return relative_errors(energy, energy.sum(), self.recon_scale) if self.recon_terms == "all" else None
         if prune_fn in _IN:
-            k = wf.shape[1] // w.shape[1]  # kernel positions per input channel
-            c_in = w.shape[1]
-            blocks = m.view(c_in, k, c_in, k)
-            ar = torch.arange(c_in, device=w.device)
-            diag_blocks = blocks[ar, :, ar, :]  # (C_in, k, k)
-            wk = wf.view(wf.shape[0], c_in, k)
-            errors = torch.einsum("ojk,jkl,ojl->j", wk, diag_blocks, wk)
-            return self._scaled(errors, energy.sum())
+            errors = input_channel_errors(wf, m, w.shape[1])
+            return relative_errors(errors, energy.sum(), self.recon_scale)
         return None
-
-    def _scaled(self, errors: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
-        if self.recon_scale == "none":
-            return errors
-        return errors / energy.clamp(min=torch.finfo(errors.dtype).tiny)
 
 
 def _validate_lam(lam: float) -> float:
@@ -468,9 +419,3 @@ def _validate_lam(lam: float) -> float:
         return validate_taylor_weight(lam)
     except (TypeError, ValueError):
         raise ValueError(f"lam must be a number in [0, 1], got {lam!r}") from None
-
-
-def _running_mean(old: torch.Tensor | None, new: torch.Tensor, n_old: int, n_new: int) -> torch.Tensor:
-    if old is None or n_old == 0:
-        return new
-    return (old * n_old + new * n_new) / (n_old + n_new)
