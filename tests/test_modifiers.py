@@ -82,7 +82,7 @@ def test_fisher_samples_changes_result(tiny_llama_dir, loader):
         ("fisher_mode", "batch", r"fisher_mode must be one of \['sample', 'token'\]"),
         ("fisher_samples", 0, r"fisher_samples must be a positive integer"),
         ("fisher_samples", -3, r"fisher_samples must be a positive integer"),
-        ("gradient_dtype", "float16", r"gradient_dtype must be one of \['bfloat16', 'float32'\]"),
+        ("gradient_dtype", "float16", r"gradient_dtype must be one of \['auto', 'bfloat16', 'float32'\]"),
     ],
 )
 def test_bad_fields_are_rejected_naming_field_and_allowed_values(cls, field, value, message):

@@ -62,6 +62,13 @@ from moonshot_plugins.core.objective import (
     token_objective_weights,
     validate_taylor_weight,
 )
+from moonshot_plugins.core.precision import (
+    AUTO_DTYPE,
+    GRADIENT_DTYPES,
+    bfloat16_is_native,
+    resolve_gradient_dtype,
+    validate_gradient_dtype,
+)
 from moonshot_plugins.core.sparsify import moonshot_wanda_scores, row_wise_mask
 
 __all__ = [
@@ -82,6 +89,11 @@ __all__ = [
     "causal_lm_sample_losses",
     "chunked_causal_lm_sample_losses",
     "classification_sample_losses",
+    "AUTO_DTYPE",
+    "GRADIENT_DTYPES",
+    "bfloat16_is_native",
+    "resolve_gradient_dtype",
+    "validate_gradient_dtype",
     "AUTO",
     "auto_taylor_weight",
     "combine_diagonal",

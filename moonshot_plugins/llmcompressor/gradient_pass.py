@@ -16,7 +16,13 @@ from loguru import logger
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.dev import get_main_device
 
-from moonshot_plugins.core import AUTO, FisherCollector, auto_taylor_weight, run_gradient_pass
+from moonshot_plugins.core import (
+    AUTO,
+    FisherCollector,
+    auto_taylor_weight,
+    resolve_gradient_dtype,
+    run_gradient_pass,
+)
 from moonshot_plugins.llmcompressor.causal_lm import CausalLMLosses
 
 __all__ = ["LayerTaylorStatistics", "collect_layer_statistics", "sampled_fraction"]
@@ -60,7 +66,7 @@ def collect_layer_statistics(
     fisher_mode: str,
     fisher_samples: int | None,
     offload_fisher: bool,
-    autocast_dtype: torch.dtype | None,
+    gradient_dtype: str,
     checkpoint_modules: list[torch.nn.Module],
     desc: str,
 ) -> tuple[dict[torch.nn.Module, LayerTaylorStatistics], int]:
@@ -71,6 +77,8 @@ def collect_layer_statistics(
         "matrix" (d_in x d_in) or "diagonal" (d_out x d_in)
     :param taylor_weight: lam in [0, 1], or "auto" (a lam per layer from its
         per-position Fisher weights, collected for that in any statistic)
+    :param gradient_dtype: "auto", "bfloat16" or "float32", resolved on the
+        pass's device (:func:`moonshot_plugins.core.resolve_gradient_dtype`)
     :param checkpoint_modules: blocks run under activation checkpointing
     :return: the records, keyed by layer; the number of samples the pass used
     """
@@ -89,7 +97,7 @@ def collect_layer_statistics(
         collector,
         max_samples=fisher_samples,
         desc=desc,
-        autocast_dtype=autocast_dtype,
+        gradient_dtype=gradient_dtype,
         # recomputing the decoder blocks' activations keeps the pass's peak
         # memory near the host's own
         checkpoint_modules=checkpoint_modules,
@@ -111,7 +119,8 @@ def collect_layer_statistics(
 
 
 def _run_on_main_device(
-    model: torch.nn.Module, dataloader: Iterable, collector: FisherCollector, **options
+    model: torch.nn.Module, dataloader: Iterable, collector: FisherCollector, gradient_dtype: str,
+    **options,
 ) -> int:
     """:func:`run_gradient_pass` with the causal-LM losses and the host's hooks
     silent. The pass needs the whole model on one device: the accelerator the
@@ -120,9 +129,13 @@ def _run_on_main_device(
     device = get_main_device()
     if device != original_device:
         model.to(device)
+    autocast_dtype = resolve_gradient_dtype(gradient_dtype, device)
+    logger.info(f"MOONSHOT gradient pass on {device} in {autocast_dtype or torch.float32}")
     try:
         with HooksMixin.disable_hooks():
-            return run_gradient_pass(model, dataloader, collector, CausalLMLosses(), **options)
+            return run_gradient_pass(
+                model, dataloader, collector, CausalLMLosses(), autocast_dtype=autocast_dtype, **options
+            )
     finally:
         if device != original_device:
             model.to(original_device)

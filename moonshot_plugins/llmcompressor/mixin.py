@@ -11,7 +11,13 @@ from pydantic import BaseModel, PrivateAttr, field_validator, model_validator
 from llmcompressor.core import State
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_TYPES
 
-from moonshot_plugins.core import AUTO, validate_fisher_mode, validate_taylor_weight
+from moonshot_plugins.core import (
+    AUTO,
+    AUTO_DTYPE,
+    validate_fisher_mode,
+    validate_gradient_dtype,
+    validate_taylor_weight,
+)
 from moonshot_plugins.llmcompressor.gradient_pass import (
     LayerTaylorStatistics,
     collect_layer_statistics,
@@ -19,9 +25,8 @@ from moonshot_plugins.llmcompressor.gradient_pass import (
 )
 from moonshot_plugins.llmcompressor.token_reweighting import TokenReweighting
 
-__all__ = ["DEFAULT_TAYLOR_WEIGHT", "GRADIENT_DTYPES", "MoonshotModifierMixin"]
+__all__ = ["DEFAULT_TAYLOR_WEIGHT", "MoonshotModifierMixin"]
 
-GRADIENT_DTYPES = {"bfloat16": torch.bfloat16, "float32": None}
 DEFAULT_TAYLOR_WEIGHT = 0.5  # where taylor_weight="auto" is not defined
 
 
@@ -44,16 +49,19 @@ class MoonshotModifierMixin(BaseModel):
     :param offload_fisher: keep Fisher accumulators on the CPU (the d_in x d_in
         and diagonal statistics; SparseGPT's token mode keeps only per-position
         weights, which always live on the CPU)
-    :param gradient_dtype: "bfloat16" (default) or "float32": precision of the
-        gradient pass's matmuls (autocast). bf16 is about 4x faster on CPUs with
-        AVX512-BF16 and on GPUs; the Fisher is always accumulated in fp32.
+    :param gradient_dtype: "auto" (default), "bfloat16" or "float32":
+        precision of the gradient pass's matmuls (autocast). "auto" picks bf16
+        only where the device computes it natively (about 4x faster on GPUs
+        and CPUs with AVX512-BF16; emulated bf16 is 3x to 500x slower than
+        fp32), see :mod:`moonshot_plugins.core.precision`. The Fisher is always
+        accumulated in fp32.
     """
 
     taylor_weight: float | str = DEFAULT_TAYLOR_WEIGHT
     fisher_mode: str = "token"
     fisher_samples: int | None = None
     offload_fisher: bool = False
-    gradient_dtype: str = "bfloat16"
+    gradient_dtype: str = AUTO_DTYPE
 
     # per layer the host prunes, what the gradient pass measured; a layer's
     # record is dropped once the host has compressed it
@@ -90,11 +98,7 @@ class MoonshotModifierMixin(BaseModel):
     @field_validator("gradient_dtype")
     @classmethod
     def _check_gradient_dtype(cls, value: str) -> str:
-        if value not in GRADIENT_DTYPES:
-            raise ValueError(
-                f"gradient_dtype must be one of {sorted(GRADIENT_DTYPES)}, got {value!r}"
-            )
-        return value
+        return validate_gradient_dtype(value)
 
     @field_validator("fisher_samples")
     @classmethod
@@ -159,7 +163,7 @@ class MoonshotModifierMixin(BaseModel):
             fisher_mode=self.fisher_mode,
             fisher_samples=self.fisher_samples,
             offload_fisher=self.offload_fisher,
-            autocast_dtype=GRADIENT_DTYPES[self.gradient_dtype],
+            gradient_dtype=self.gradient_dtype,
             checkpoint_modules=[
                 block for _, block in match_named_modules(model, self._sequential_targets)
             ],
