@@ -49,7 +49,8 @@ def _run(method: str, sparsity: str, host: str | None = None, lam: float | str |
 
 
 RUN_KEYS = ("method", "sparsity", "host", "lam", "fisher_mode", "options", "calib_source", "draw")
-PLANS = ("all", "2of4", "unstructured", "core", "sweep", "heldout", "cost", "defaults")
+PLANS = ("all", "2of4", "unstructured", "core", "sweep", "heldout", "cost", "defaults", "solver")
+WEIGHT_UPDATES = ("resolve", "admm")
 EVAL_SETS = ("test", "heldout")
 
 
@@ -65,12 +66,19 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     held-out slice of the calibration side, to choose defaults without the
     evaluation text. ``cost`` reruns each host next to MOONSHOT at its
     defaults (time, peak RSS, peak anonymous memory; use its own ``--output``).
-    ``defaults`` is the same pairs for quality under the protocol.
+    ``defaults`` is the same pairs for quality under the protocol; ``solver``
+    adds, for SparseGPT, each new ``weight_update`` at lam 0 (the solver's
+    gain alone) and at the default lam (solver + Taylor term).
     ``sparsities`` / ``hosts`` restrict any plan; :func:`over_draws` repeats
     each run over calibration sources and draws.
     """
     if plan not in PLANS:
         raise SystemExit(f"--plan must be one of {', '.join(PLANS)}; got {plan!r}")
+    if plan == "solver":
+        return [run for sp in sparsities for run in (
+            _run("host", sp, "sparsegpt"), _moonshot(sp, "sparsegpt", default_settings("sparsegpt", sp)[0]),
+            *(_moonshot(sp, "sparsegpt", lam, weight_update=update) for update in WEIGHT_UPDATES
+              for lam in (0.0, default_settings("sparsegpt", sp)[0])))]
     if plan in ("cost", "defaults"):  # adjacent pairs: the host, then MOONSHOT at its defaults
         return [run for sp in sparsities for host in hosts
                 for run in (_run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]))]

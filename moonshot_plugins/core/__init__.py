@@ -14,10 +14,16 @@ their hosts' state into these tensor functions.
 * :mod:`~moonshot_plugins.core.gradient_pass`: the forward/backward driver
 * :mod:`~moonshot_plugins.core.objective`: combining reconstruction and Taylor
 * :mod:`~moonshot_plugins.core.sparsify`: masks of per-weight score hosts
+* :mod:`~moonshot_plugins.core.curvature`, :mod:`~moonshot_plugins.core.resolve`,
+  :mod:`~moonshot_plugins.core.admm`, :mod:`~moonshot_plugins.core.row_fisher`:
+  the layer objective and its solvers (re-solve on a mask, ADMM mask search,
+  per-row Fisher factors)
+* :mod:`~moonshot_plugins.core.precision`: the gradient pass's dtype
 * :mod:`~moonshot_plugins.core.channel_scores`: per-channel scores of
   structured pruning
 """
 
+from moonshot_plugins.core.admm import AdmmResult, admm_prune, keep_largest
 from moonshot_plugins.core.channel_scores import (
     OBJECTIVE_SCALES,
     RECON_SCALES,
@@ -30,6 +36,12 @@ from moonshot_plugins.core.channel_scores import (
     output_channel_errors,
     pooled_mean,
     relative_errors,
+)
+from moonshot_plugins.core.curvature import (
+    LayerCurvature,
+    ObjectiveTerms,
+    layer_curvature,
+    layer_objective,
 )
 from moonshot_plugins.core.collector import FISHER_MODES, FisherCollector, validate_fisher_mode
 from moonshot_plugins.core.gradient_pass import (
@@ -69,9 +81,23 @@ from moonshot_plugins.core.precision import (
     resolve_gradient_dtype,
     validate_gradient_dtype,
 )
+from moonshot_plugins.core.resolve import SolveResult, batched_pcg, resolve_on_mask
+from moonshot_plugins.core.row_fisher import RowFisherBuilder, row_fisher_matvec
 from moonshot_plugins.core.sparsify import moonshot_wanda_scores, row_wise_mask
 
 __all__ = [
+    "AdmmResult",
+    "admm_prune",
+    "keep_largest",
+    "LayerCurvature",
+    "ObjectiveTerms",
+    "layer_curvature",
+    "layer_objective",
+    "SolveResult",
+    "batched_pcg",
+    "resolve_on_mask",
+    "RowFisherBuilder",
+    "row_fisher_matvec",
     "FISHER_MODES",
     "FisherCollector",
     "validate_fisher_mode",

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import torch
-from pydantic import model_validator
+from compressed_tensors.utils import align_module_device, update_offload_parameter
+from loguru import logger
+from pydantic import field_validator, model_validator
 
 from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
-from moonshot_plugins.core import AUTO, combine_hessians, release_freed_memory
+from moonshot_plugins.core import (
+    AUTO,
+    combine_hessians,
+    release_freed_memory,
+    restore_weight,
+    standardized_weight,
+)
 from moonshot_plugins.llmcompressor.mixin import MoonshotModifierMixin
 from moonshot_plugins.llmcompressor.row_weights import scale_rows, unscale_rows
+from moonshot_plugins.llmcompressor.weight_update import (
+    LayerSnapshot,
+    updated_weight,
+    validate_weight_update,
+)
 
 __all__ = ["MoonshotSparseGPTModifier"]
 
@@ -47,6 +60,11 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
     row is pruned whole on a noisy estimate. ``row_weights: false`` gives the
     row-shared objective alone.
 
+    ``weight_update`` (default "host"): what sets the weights after the sweep:
+    the sweep itself, "resolve" (its mask, the kept weights re-solved to the
+    objective's exact minimum) or "admm" (mask and weights searched by ADMM,
+    then re-solved); see :mod:`~moonshot_plugins.llmcompressor.weight_update`.
+
     Sample yaml:
 
     ```yaml
@@ -57,6 +75,7 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
           mask_structure: "2:4"
           taylor_weight: auto       # or a fixed lam in [0, 1]
           fisher_mode: "token"
+          weight_update: host       # or resolve, admm
           targets: ["Linear"]
           ignore: ["re:.*lm_head"]
     ```
@@ -69,6 +88,12 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
 
     taylor_weight: float | str = AUTO
     row_weights: bool = True
+    weight_update: str = "host"
+
+    @field_validator("weight_update")
+    @classmethod
+    def _check_weight_update(cls, value: str) -> str:
+        return validate_weight_update(value)
 
     @model_validator(mode="after")
     def _check_row_weights(self):
@@ -104,7 +129,8 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
     def compress_modules(self):
         """The host's solver on every calibrated layer; in sample mode this is
         where the Hessian changes: it becomes ``combine_hessians(H, F, lam)``
-        first. With ``row_weights``, rows are scaled by sqrt(m_i) around the solver."""
+        first. With ``row_weights``, rows are scaled by sqrt(m_i) around the
+        solver; ``weight_update`` then replaces the sweep's weights."""
         row_roots = self._scale_rows() if self.row_weights else {}
         for module in list(self._num_samples):
             statistics = self._layer_statistics.pop(module, None)  # done with this layer
@@ -114,7 +140,9 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
                 self._hessians[module] = combine_hessians(
                     self._hessians[module], statistics.fisher, statistics.taylor_weight
                 )
+        snapshots = self._snapshot_layers() if self.weight_update != "host" else {}
         super().compress_modules()
+        self._update_weights(snapshots)
         unscale_rows(row_roots)
         # After the gradient pass the allocator keeps each layer's freed buffers
         # in a fragmented heap: without this, anonymous memory grew by ~65 MB
@@ -125,3 +153,31 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
         """Scale the rows of the layers about to be pruned by sqrt(m_i); returns
         the factors to undo it (:func:`~moonshot_plugins.llmcompressor.row_weights.scale_rows`)."""
         return scale_rows(list(self._num_samples), self._layer_statistics)
+
+    def _snapshot_layers(self) -> dict[torch.nn.Module, LayerSnapshot]:
+        """Each layer's weight and Hessian just before the sweep (which consumes both)."""
+        snapshots = {}
+        for module in self._num_samples:
+            with torch.no_grad(), self._maybe_onload_hessian(module), align_module_device(module):
+                snapshots[module] = LayerSnapshot(
+                    standardized_weight(module).float().clone(),
+                    self._hessians[module].float().clone(),
+                    self._module_sparsities[module],
+                )
+        return snapshots
+
+    def _update_weights(self, snapshots: dict[torch.nn.Module, LayerSnapshot]) -> None:
+        """Replace each swept layer's weights by ``weight_update``'s."""
+        for module, snapshot in snapshots.items():
+            with torch.no_grad(), align_module_device(module):
+                host = standardized_weight(module)
+                new, before, after = updated_weight(
+                    self.weight_update, snapshot, host.float(), self.dampening_frac,
+                    self._prune_n, self._prune_m,
+                )
+                pruned = restore_weight(module, new.to(host.dtype))
+            update_offload_parameter(module, "weight", pruned)
+            logger.info(
+                f"MOONSHOT weight_update={self.weight_update} {self._module_names[module]}: "
+                f"objective {before:.4g} -> {after:.4g}"
+            )
