@@ -2,7 +2,7 @@
 
     python -m benchmarks.llm                       # the whole plan, resumable
     python -m benchmarks.llm --plan 2of4           # one slice of it
-    python -m benchmarks.llm --report-only         # redraw docs/results.md from the JSON
+    python -m benchmarks.llm --report-only         # print the tables of --output, running nothing
     python -m benchmarks.llm --plan cost --sparsity 2:4 --output benchmarks/results/cost.json
                                                    # fresh host / MOONSHOT pairs: time and memory
 
@@ -14,7 +14,8 @@ Every run is a separate child process, so its wall time and peak RSS belong to
 that run alone; host and MOONSHOT runs of one setting are adjacent in the plan
 (paired under the same machine load). Results are appended to the JSON file
 after every run; a rerun skips runs already recorded there with the same
-settings, so the plan can be finished over several sessions.
+settings, so the plan can be finished over several invocations.
+docs/results.md is redrawn from a results file by ``python -m benchmarks.report``.
 """
 
 from __future__ import annotations

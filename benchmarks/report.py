@@ -1,19 +1,27 @@
 """Tables and plots for docs/results.md from a benchmarks/llm.py results JSON.
 
+    python -m benchmarks.report benchmarks/results/2026-11-22-cpu-2core.json
+
 Only the block between the LLM markers in docs/results.md is rewritten, so
-other sections (vision) stay as they are.
+the other sections (the headline tables, vision) stay as they are. The run
+notes of the JSON (which timings were not measured on a quiet machine, what
+was superseded) stay in the JSON; docs/experiments.md tells that history.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
+import sys
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "docs" / "results.md"
 START, END = "<!-- llm-results:start -->", "<!-- llm-results:end -->"
 TEXTS = ("persuasion", "python-tutorial")
+# the code column of runs recorded before benchmarks/llm.py stored each run's commit
+UNRECORDED_CODE = "before 7168533"
 
 
 def _options_text(options: dict[str, Any]) -> str:
@@ -212,7 +220,13 @@ def _plots(runs: list[dict[str, Any]], stem: str) -> list[str]:
     return images
 
 
+def _settings_text(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in settings.items())
+
+
 def write_llm_report(results_json: pathlib.Path) -> None:
+    """Rewrite the LLM block of docs/results.md from ``results_json`` (a
+    ``benchmarks/llm.py`` results file), plots included."""
     doc = json.loads(pathlib.Path(results_json).read_text())
     runs = doc["runs"]
     rel = pathlib.Path(results_json).resolve().relative_to(ROOT)
@@ -228,16 +242,23 @@ def write_llm_report(results_json: pathlib.Path) -> None:
                      "below are each run's own, not all paired"]
     lines = [
         START,
-        "## LLM: SmolLM2-135M (LLM Compressor hosts)",
+        "## SmolLM2-135M: every run (LLM Compressor hosts)",
+        "",
+        "Every run of the benchmark (lam sweep, Taylor-only, sample mode, magnitude pruning included), "
+        "the targets of the benchmark issue judged at the package defaults, and two plots; one "
+        "calibration draw per row. This block is generated from the results file by "
+        f"`python -m benchmarks.report {rel}`.",
         "",
         f"- command: `{doc['command']}`",
         f"- machine: {doc['machine']}",
-        f"- date: {doc['date']}; raw results: [`{rel}`](../{rel})",
-        f"- settings: {doc['settings']} (calibration: Emma + Pride and Prejudice + Sense and Sensibility; "
-        "evaluation: Persuasion and the Python 3.11 tutorial, disjoint from calibration)",
-        "- prune seconds and peak RSS are of the pruning step alone, each run in its own process.",
+        f"- date: {doc['date']} (the first run; the code column is the commit each row measured); "
+        f"raw results: [`{rel}`](../{rel})",
+        f"- settings: {_settings_text(doc['settings'])} (calibration: Emma + Pride and Prejudice + "
+        "Sense and Sensibility; evaluation: Persuasion and the Python 3.11 tutorial, disjoint from calibration)",
+        "- prune seconds and peak RSS are of the pruning step alone, each run in its own process; "
+        "rows did not all run on a quiet machine, so compare costs on the paired target lines below "
+        "(the JSON's `notes` say which rows' seconds are not measurements)",
         *cost_note,
-        *[f"- note: {note}" for note in doc.get("notes", [])],
         "",
         "| sparsity | method | ppl Persuasion | ppl Python tutorial | prune s | peak RSS MB | code |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -246,7 +267,7 @@ def write_llm_report(results_json: pathlib.Path) -> None:
         sp = "dense" if run["sparsity"] == "0" else ("2:4" if run["sparsity"] == "2:4" else f"{float(run['sparsity']):.0%}")
         lines.append(
             f"| {sp} | {_label(run)} | {run['ppl_persuasion']:.2f} | {run['ppl_python-tutorial']:.2f} "
-            f"| {run['prune_seconds']:.1f} | {run['peak_rss_mb']:.0f} | {run.get('code', 'session 1')} |"
+            f"| {run['prune_seconds']:.1f} | {run['peak_rss_mb']:.0f} | {run.get('code', UNRECORDED_CODE)} |"
         )
     targets = _targets(runs, doc.get("unpaired_timing", []), cost_runs)
     if targets:
@@ -273,3 +294,15 @@ def write_llm_report(results_json: pathlib.Path) -> None:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_MD.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    parser.add_argument("results_json", type=pathlib.Path, help="a benchmarks/llm.py results JSON")
+    write_llm_report(parser.parse_args(argv).results_json)
+    print(f"rewrote the LLM block of {RESULTS_MD.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

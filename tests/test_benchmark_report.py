@@ -61,3 +61,31 @@ def test_cost_targets_come_from_the_cost_plan_pairs_when_given():
         "| 2:4 wanda peak_rss_mb ratio (cost plan pair) | <= 1.3 | 1.50 | missed |",
     ]
     assert "| 2:4 wanda prune_seconds ratio | <= 1.5 | 1.00 | met |" in _targets(runs)
+
+
+def test_report_rewrites_only_its_block_and_leaves_run_notes_in_the_json(tmp_path, monkeypatch):
+    """``python -m benchmarks.report RESULTS_JSON``: the LLM block is redrawn,
+    the rest of results.md (the protocol block, hand-written tables) is kept,
+    and the results file's run notes stay out of the page."""
+    import json
+
+    from benchmarks import report
+
+    results_md = tmp_path / "docs" / "results.md"
+    results_md.parent.mkdir()
+    head = "# Results\n\n<!-- protocol:start -->\n<!-- protocol:end -->\n\nhand-written table\n\n"
+    results_md.write_text(head + f"{report.START}\nold block\n{report.END}\n\nvision\n")
+    results_json = tmp_path / "runs.json"
+    runs = [_row("host", "2:4", "wanda"), {**_row("moonshot", "2:4", "wanda", 0.5), "code": "abc1234"}]
+    results_json.write_text(json.dumps({
+        "command": "python -m benchmarks.llm", "machine": "2 cores", "date": "2026-11-22",
+        "settings": {"calib_samples": 32}, "runs": runs, "notes": ["a run note"],
+    }))
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    monkeypatch.setattr(report, "RESULTS_MD", results_md)
+    assert report.main([str(results_json)]) == 0
+    text = results_md.read_text()
+    assert text.startswith(head) and text.endswith(f"{report.END}\n\nvision\n")
+    assert "old block" not in text and "a run note" not in text
+    assert f"| 2:4 | Wanda | 10.00 | 10.00 | 100.0 | 1000 | {report.UNRECORDED_CODE} |" in text
+    assert "| abc1234 |" in text

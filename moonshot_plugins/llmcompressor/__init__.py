@@ -1,7 +1,8 @@
 """LLM Compressor adapter: MOONSHOT modifiers, registered with ModifierFactory.
 
-After ``import moonshot_plugins`` the names ``MoonshotSparseGPTModifier`` and
-``MoonshotWandaModifier`` work in recipe YAML and in ``oneshot(recipe=...)``.
+After ``import moonshot_plugins.llmcompressor`` (or the first access of
+``moonshot_plugins.MoonshotSparseGPTModifier`` / ``MoonshotWandaModifier``)
+the names work in recipe YAML and in ``oneshot(recipe=...)``.
 
 Each modifier is its host (``SparseGPTModifier`` / ``WandaPruningModifier``)
 plus one gradient pass on the dense model before sequential pruning; all math

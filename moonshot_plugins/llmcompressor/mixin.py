@@ -41,7 +41,7 @@ class MoonshotModifierMixin(BaseModel):
         reweighted positions at half of them
         (:func:`moonshot_plugins.core.auto_taylor_weight`). Default: "auto"
         for MoonshotSparseGPTModifier in token mode (chosen on a held-out
-        calibration-side text, docs/results.md), else 0.5
+        calibration-side text, docs/experiments.md), else 0.5
     :param fisher_mode: "token" (each position a rank-one sample, same cost as
         X^T X) or "sample" (per-sample gradient outer products)
     :param fisher_samples: calibration samples fed to the gradient pass
