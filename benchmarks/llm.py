@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"test: {', '.join(EVALUATION_TEXTS)} (the reported tables); heldout: "
                         f"{', '.join(HELDOUT_TEXTS)}, for choosing defaults without the test texts")
     parser.add_argument("--output", type=pathlib.Path, default=None, help="results JSON (default: benchmarks/results/<date>-<host>[-heldout].json)")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite docs/results.md from --output")
+    parser.add_argument("--report-only", action="store_true", help="only print the protocol tables of --output, running nothing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of one run
     args = parser.parse_args(argv)
     settings = {k: getattr(args, k) for k in ("calib_samples", "seq_len", "eval_tokens", "context")}
