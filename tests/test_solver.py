@@ -7,7 +7,7 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import (
 )
 
 from moonshot_plugins.core.admm import admm_prune, keep_largest
-from moonshot_plugins.core.curvature import layer_curvature, layer_objective
+from moonshot_plugins.core.curvature import LayerCurvature, layer_curvature, layer_objective
 from moonshot_plugins.core.resolve import resolve_on_mask
 from moonshot_plugins.core.row_fisher import RowFisherBuilder, row_fisher_matvec
 
@@ -310,3 +310,19 @@ def test_admm_reaches_brute_force_optimum_on_most_seeds(correlated, per_row, min
         assert value >= optimum * (1 - 1e-9)  # nothing beats the enumeration
         hits += value <= 1.01 * optimum
     assert hits / seeds >= min_rate, f"within 1% of the optimum on {hits}/{seeds} seeds"
+
+
+def test_resolve_with_a_per_weight_diagonal_term_matches_exact_solution():
+    # Wanda's MOONSHOT curvature: a row-shared Gram matrix plus a diagonal Fisher per weight
+    g = torch.Generator().manual_seed(7)
+    h = spd(12, g)
+    diagonal = torch.rand(6, 12, generator=g, dtype=F64) * h.diagonal().mean()
+    curvature = LayerCurvature(0.5 * h, row_diagonal=0.5 * diagonal)
+    dense = torch.randn(6, 12, generator=g, dtype=F64)
+    keep = random_keep(g, 6, 12, "2:4")
+    result = resolve_on_mask(curvature, dense, keep, max_iters=200, rtol=1e-13)
+    for j in range(6):
+        row = 0.5 * h + torch.diag(0.5 * diagonal[j])
+        expected = exact_row(row, dense[j], keep[j].nonzero().flatten())
+        torch.testing.assert_close(result.weight[j], expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(curvature.diagonal(), 0.5 * h.diagonal() + 0.5 * diagonal)

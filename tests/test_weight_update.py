@@ -87,3 +87,28 @@ def test_resolve_keeps_the_host_mask_and_admm_keeps_2_of_4(tiny_llama_dir, loade
 def test_bad_weight_update_is_rejected():
     with pytest.raises(ValidationError, match=r"weight_update must be one of \['host', 'resolve', 'admm'\], got 'cg'"):
         MoonshotSparseGPTModifier(**COMMON, weight_update="cg")
+
+
+def test_wanda_resolve_keeps_wanda_mask_and_moves_the_kept_weights(tiny_llama_dir, loader):
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+    from moonshot_plugins import MoonshotWandaModifier
+
+    host = _prune(tiny_llama_dir, WandaPruningModifier(**COMMON), loader)
+    resolved = _prune(tiny_llama_dir, MoonshotWandaModifier(**COMMON, taylor_weight=0.0, weight_update="resolve"), loader)
+    mixed = _prune(tiny_llama_dir, MoonshotWandaModifier(**COMMON, taylor_weight=0.5, weight_update="resolve"), loader)
+    first = [k for k in host if ".layers.0." in k]
+    for key in first:
+        assert torch.equal(host[key] != 0, resolved[key] != 0), key
+        kept = host[key] != 0
+        assert not torch.equal(host[key][kept], resolved[key][kept]), key  # Wanda never moves them
+    for key, weight in {**resolved, **mixed}.items():
+        groups = (weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1)
+        assert (groups == 2).all(), key
+
+
+def test_wanda_rejects_admm():
+    from moonshot_plugins import MoonshotWandaModifier
+
+    with pytest.raises(ValidationError, match=r"weight_update must be one of \['host', 'resolve'\] for Wanda, got 'admm'"):
+        MoonshotWandaModifier(**COMMON, weight_update="admm")

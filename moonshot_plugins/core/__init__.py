@@ -40,6 +40,7 @@ from moonshot_plugins.core.channel_scores import (
 from moonshot_plugins.core.curvature import (
     LayerCurvature,
     ObjectiveTerms,
+    diagonal_fisher_curvature,
     layer_curvature,
     layer_objective,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "admm_prune",
     "keep_largest",
     "LayerCurvature",
+    "diagonal_fisher_curvature",
     "ObjectiveTerms",
     "layer_curvature",
     "layer_objective",

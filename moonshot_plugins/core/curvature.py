@@ -32,35 +32,49 @@ import torch
 
 from moonshot_plugins.core.row_fisher import row_fisher_matvec
 
-__all__ = ["LayerCurvature", "layer_curvature", "ObjectiveTerms", "layer_objective"]
+__all__ = [
+    "LayerCurvature",
+    "layer_curvature",
+    "diagonal_fisher_curvature",
+    "ObjectiveTerms",
+    "layer_objective",
+]
 
 
 @dataclass(frozen=True)
 class LayerCurvature:
-    """Row curvatures A_j = shared + row_weight * U_j U_j^T of one layer's objective.
+    """Row curvatures A_j = shared + row_weight * U_j U_j^T + diag(D_j) of one
+    layer's objective.
 
     :param shared: S, the row-shared part, (d_in, d_in), symmetric PSD
     :param row_factors: U, (d_out, d_in, k) per-row low-rank factors, or None
     :param row_weight: c >= 0, the factors' weight in the objective
+    :param row_diagonal: D, (d_out, d_in) >= 0, a per-weight diagonal term
+        (a diagonal Fisher, as Wanda's MOONSHOT score uses), or None
     """
 
     shared: torch.Tensor
     row_factors: torch.Tensor | None = None
     row_weight: float = 1.0
+    row_diagonal: torch.Tensor | None = None
 
     def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
         """A_j v_j for every row j: (d_out, d_in) -> (d_out, d_in)."""
         out = vectors @ self.shared  # S symmetric: rows of V S are S v_j
         if self.row_factors is not None:
             out = out + self.row_weight * row_fisher_matvec(self.row_factors, vectors)
+        if self.row_diagonal is not None:
+            out = out + self.row_diagonal * vectors
         return out
 
     def diagonal(self) -> torch.Tensor:
-        """diag(A_j) per row: (d_out, d_in), or (1, d_in) without row factors."""
+        """diag(A_j) per row: (d_out, d_in), or (1, d_in) without row terms."""
         diag = torch.diagonal(self.shared).reshape(1, -1)
         if self.row_factors is not None:
             row_norms = torch.linalg.vector_norm(self.row_factors, dim=-1)  # no (.., k) copy
             diag = diag + self.row_weight * row_norms.square()
+        if self.row_diagonal is not None:
+            diag = diag + self.row_diagonal
         return diag
 
     def row_values(self, delta: torch.Tensor) -> torch.Tensor:
@@ -104,6 +118,27 @@ def layer_curvature(
     if lam > 0 and row_factors is not None:
         return LayerCurvature(shared, row_factors.to(dtype), lam / fisher_scale)
     return LayerCurvature(shared)
+
+
+def diagonal_fisher_curvature(
+    hessian: torch.Tensor, diagonal_fisher: torch.Tensor | None, taylor_weight: float
+) -> LayerCurvature:
+    """A_j = (1 - lam) H + lam (s_H / s_F) diag(F_j): the full-matrix version
+    of Wanda's MOONSHOT curvature (:func:`~moonshot_plugins.core.combine_diagonal`,
+    whose per-weight score uses only diag(H)); s_H = mean diag(H), s_F = mean F.
+
+    :param hessian: H, (d_in, d_in), the layer's (damped) Gram matrix of inputs
+    :param diagonal_fisher: F, (d_out, d_in), per-weight diagonal Fisher; None when lam == 0
+    :param taylor_weight: lam in [0, 1]
+    """
+    lam = float(taylor_weight)
+    hessian = hessian.float()
+    shared = (1.0 - lam) * hessian
+    if lam == 0.0:
+        return LayerCurvature(shared)
+    fisher = diagonal_fisher.to(hessian)
+    ratio = torch.diagonal(hessian).mean() / fisher.mean().clamp(min=torch.finfo(fisher.dtype).tiny)
+    return LayerCurvature(shared, row_diagonal=(lam * ratio) * fisher)
 
 
 class ObjectiveTerms(NamedTuple):
