@@ -56,7 +56,8 @@ EVAL_SETS = ("test", "heldout")
 
 
 def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
-              hosts: tuple[str, ...] = ("sparsegpt", "wanda")) -> list[dict[str, Any]]:
+              hosts: tuple[str, ...] = ("sparsegpt", "wanda"),
+              updates: tuple[str, ...] = WEIGHT_UPDATES) -> list[dict[str, Any]]:
     """Runs in order; host and MOONSHOT runs of one setting stay adjacent.
 
     ``core`` is the part the targets need (host, MOONSHOT token, Taylor-only);
@@ -70,7 +71,7 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     ``defaults`` is the same pairs for quality under the protocol; ``solver``
     adds, for SparseGPT, each new ``weight_update`` at lam 0 (the solver's
     gain alone) and at the default lam (solver + Taylor term).
-    ``sparsities`` / ``hosts`` restrict any plan; :func:`over_draws` repeats
+    ``sparsities`` / ``hosts`` restrict any plan, ``updates`` the solver plan; :func:`over_draws` repeats
     each run over calibration sources and draws.
     """
     if plan not in PLANS:
@@ -78,7 +79,7 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     if plan == "solver":
         return [run for sp in sparsities for run in (
             _run("host", sp, "sparsegpt"), _moonshot(sp, "sparsegpt", default_settings("sparsegpt", sp)[0]),
-            *(_moonshot(sp, "sparsegpt", lam, weight_update=update) for update in WEIGHT_UPDATES
+            *(_moonshot(sp, "sparsegpt", lam, weight_update=update) for update in updates
               for lam in (0.0, default_settings("sparsegpt", sp)[0])))]
     if plan in ("cost", "defaults"):  # adjacent pairs: the host, then MOONSHOT at its defaults
         return [run for sp in sparsities for host in hosts
@@ -299,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", default="all", help=" | ".join(PLANS))
     parser.add_argument("--sparsity", action="append", help="restrict to these sparsities (repeatable): " + ", ".join(SPARSITIES))
     parser.add_argument("--host", action="append", choices=("sparsegpt", "wanda"), help="restrict to these hosts (repeatable)")
+    parser.add_argument("--weight-update", action="append", choices=WEIGHT_UPDATES,
+                        help="restrict the solver plan to these weight updates (repeatable)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each evaluation text")
@@ -334,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         done = {run_key({k: r[k] for k in RUN_KEYS if k in r}, doc["settings"]) for r in doc["runs"]}
         full_plan = over_draws(
-            make_plan(args.plan, tuple(args.sparsity or SPARSITIES), tuple(args.host or ("sparsegpt", "wanda"))),
+            make_plan(args.plan, tuple(args.sparsity or SPARSITIES), tuple(args.host or ("sparsegpt", "wanda")),
+                      tuple(args.weight_update or WEIGHT_UPDATES)),
             tuple(args.calib_source or CALIBRATION_SOURCES), args.draws)
         plan = [r for r in full_plan if run_key(r, settings) not in done]
         if doc["settings"] != settings and doc["runs"]:
