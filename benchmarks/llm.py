@@ -366,8 +366,41 @@ def main(argv: list[str] | None = None) -> int:
         _print_cost_pairs(doc["runs"])
         return 0
     texts = HELDOUT_TEXTS if args.eval_set == "heldout" else EVALUATION_TEXTS
-    print("\n".join(protocol_tables(doc["runs"], texts)))
+    tables = protocol_tables(doc["runs"], texts)
+    print("\n".join(tables))
+    if args.eval_set == "test" and args.plan in ("defaults", "solver"):
+        write_protocol_block(doc, output, tables)
     return 0
+
+
+def write_protocol_block(doc: dict[str, Any], output: pathlib.Path, tables: list[str]) -> None:
+    """Put the protocol tables of a results file into docs/results.md (between
+    the protocol markers), with the command, machine, dates and commits."""
+    from benchmarks.protocol import CLEARLY_BELOW
+
+    runs = [r for r in doc["runs"] if "calib_source" in r]
+    codes = ", ".join(sorted({r.get("code", "?") for r in runs}))
+    header = [
+        "## The evaluation protocol: ratio to the host over calibration draws",
+        "",
+        f"Each cell: mean ± standard error over calibration draws (seeds 0, 1, 2) of the "
+        f"perplexity ratio to the host run on the same draw; rows: calibration source -> "
+        f"evaluation text (first {doc['settings']['eval_tokens']} tokens, context "
+        f"{doc['settings']['context']}); {doc['settings']['calib_samples']} x "
+        f"{doc['settings']['seq_len']} calibration tokens. Verdict: *helps* = mean below 1 in "
+        f"every cell and mean + {CLEARLY_BELOW:g} s.e. below 1 in more than half; *mixed* = "
+        "below 1 everywhere but not clearly; *loses somewhere* = a mean at or above 1. "
+        "A row with fewer than 3 draws per cell is incomplete.",
+        "",
+        f"Command: `{doc['command']}` ([raw results]({os.path.relpath(output, ROOT / 'docs')})); "
+        f"machine: {doc['machine']}; {doc['date']}; code {codes}.",
+    ]
+    page = ROOT / "docs" / "results.md"
+    text = page.read_text()
+    start, end = "<!-- protocol:start -->", "<!-- protocol:end -->"
+    before, rest = text.split(start)
+    _, after = rest.split(end)
+    page.write_text(before + start + "\n" + "\n".join(header + tables) + "\n" + end + after)
 
 
 def protocol_tables(runs: list[dict[str, Any]], texts: tuple[str, ...]) -> list[str]:

@@ -1,0 +1,54 @@
+"""The evaluation protocol's draws and paired statistics (benchmarks/protocol.py)."""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks.protocol import draw_loader, draw_starts, mean_and_error, paired_ratios, verdict
+
+
+def test_draws_are_seeded_non_overlapping_and_differ_between_seeds():
+    starts = draw_starts(10_000, 16, 128, seed=1)
+    assert starts == draw_starts(10_000, 16, 128, seed=1)
+    assert starts != draw_starts(10_000, 16, 128, seed=2)
+    assert all(b - a >= 128 for a, b in zip(starts, starts[1:]))
+    assert starts[-1] + 128 <= 10_000
+    with pytest.raises(ValueError, match="holds 78 windows of 128, need 100"):
+        draw_starts(10_000, 100, 128, seed=0)
+
+
+def test_draw_loader_yields_the_windows():
+    ids = torch.arange(1000)
+    batches = list(draw_loader(ids, 4, 50, seed=3))
+    starts = draw_starts(1000, 4, 50, seed=3)
+    assert [int(b["input_ids"][0, 0]) for b in batches] == starts
+    assert all(b["attention_mask"].shape == (1, 50) for b in batches)
+
+
+def test_mean_and_error():
+    mean, error = mean_and_error([1.0, 2.0, 3.0])
+    assert mean == 2.0 and error == pytest.approx(1 / math.sqrt(3))
+    assert mean_and_error([5.0]) == (5.0, 0.0)
+
+
+def _runs(ratios_by_source):
+    runs = []
+    for source, ratios in ratios_by_source.items():
+        for draw, ratio in enumerate(ratios):
+            base = {"sparsity": "2:4", "host": "sparsegpt", "calib_source": source, "draw": draw}
+            runs.append({**base, "method": "host", "ppl_a": 100.0 + draw})
+            runs.append({**base, "method": "moonshot", "ppl_a": (100.0 + draw) * ratio})
+    return runs
+
+
+def test_ratios_are_paired_per_draw_and_judged_by_the_fixed_rule():
+    mine = lambda r: r["method"] == "moonshot"  # noqa: E731
+    helps = paired_ratios(_runs({"austen": [0.9, 0.91, 0.89], "python-docs": [0.95, 0.94, 0.96]}), mine, ["a"])
+    assert helps[("austen", "a")]["ratio"][0] == pytest.approx(0.9)
+    assert helps[("austen", "a")]["draws"] == 3
+    assert verdict(helps) == "helps"
+    noisy = paired_ratios(_runs({"austen": [0.7, 1.2, 0.9], "python-docs": [0.6, 1.3, 0.95]}), mine, ["a"])
+    assert verdict(noisy) == "mixed"
+    loses = paired_ratios(_runs({"austen": [0.9, 0.9, 0.9], "python-docs": [1.01, 1.0, 1.02]}), mine, ["a"])
+    assert verdict(loses) == "loses somewhere"
