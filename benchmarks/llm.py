@@ -140,13 +140,14 @@ def _moonshot(sparsity: str, host: str, lam: float | str, **options: Any) -> dic
 
 
 def over_draws(runs: list[dict[str, Any]], sources: tuple[str, ...], draws: int) -> list[dict[str, Any]]:
-    """Each run once per (calibration source, draw), the draws of one source
-    innermost so a setting's host / MOONSHOT pairs of one draw stay adjacent.
-    Dense runs use no calibration and run once."""
+    """Each run once per (calibration source, draw): draw by draw, each draw
+    over every source, so a partial run already spans the sources, and the
+    host / MOONSHOT runs of one (source, draw) stay adjacent. Dense runs use
+    no calibration and run once."""
     expanded = [r for r in runs if r["method"] == "dense"]
     calibrated = [r for r in runs if r["method"] != "dense"]
-    for source in sources:
-        for draw in range(draws):
+    for draw in range(draws):
+        for source in sources:
             expanded += [{**r, "calib_source": source, "draw": draw} for r in calibrated]
     return expanded
 
