@@ -52,6 +52,7 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
     def compress_modules(self):
         """Prune every calibrated layer on the combined per-weight curvature
         (the host's own ``compress_modules`` when lam == 0)."""
+        self._check_finite_host_statistics(self._row_scalars, "input norms")
         if self.taylor_weight == 0.0:
             return super().compress_modules()
         for module in list(self._num_samples):
