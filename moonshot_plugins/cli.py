@@ -9,7 +9,9 @@ from package registries (see :mod:`moonshot_plugins.assets`).
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
+import signal
 import sys
 import time
 from typing import Any
@@ -170,11 +172,17 @@ def run_prune(args: argparse.Namespace) -> int:
     recipe = pathlib.Path(args.recipe)
     if not recipe.is_file():
         raise SystemExit(f"error: --recipe {recipe} is not a file")
+    if pathlib.Path(args.output).exists():  # checked again when the output is written
+        raise FileExistsError(f"output directory {args.output} already exists; choose a new path or remove it")
+    _check_recipe(recipe)
     calib = pathlib.Path(args.calib)
     if calib.is_file():
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         ids = tokenize(tokenizer, calib.read_text(encoding="utf-8"))
-        dataset = calibration_loader(ids, args.num_samples, args.seq_len)
+        try:
+            dataset = calibration_loader(ids, args.num_samples, args.seq_len)
+        except ValueError as err:
+            raise ValueError(f"--calib {calib}: {err}; give more text or lower --num-samples / --seq-len") from None
         extra = {}
     elif calib.is_dir():
         from datasets import load_from_disk
@@ -190,6 +198,22 @@ def run_prune(args: argparse.Namespace) -> int:
     run_oneshot(str(model_dir), str(recipe), dataset, output_dir=args.output, **extra)
     print(f"saved pruned model to {args.output}")
     return 0
+
+
+def _check_recipe(path: pathlib.Path) -> None:
+    """Build the recipe's modifiers once before any work, so that a bad recipe
+    fails at once (each modifier validates its own fields)."""
+    import yaml
+    from llmcompressor.recipe import Recipe
+
+    import moonshot_plugins.llmcompressor  # noqa: F401  (registers the MOONSHOT modifiers)
+
+    try:
+        Recipe.create_instance(str(path))
+    except yaml.YAMLError as err:
+        raise ValueError(f"--recipe {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except ValueError as err:  # pydantic's ValidationError included
+        raise ValueError(f"--recipe {path}: {_one_line(err)}") from err
 
 
 def _add_prune(subparsers) -> None:
@@ -209,18 +233,61 @@ def _add_prune(subparsers) -> None:
     parser.set_defaults(func=run_prune)
 
 
+DEBUG_ENVIRONMENT = "MOONSHOT_DEBUG"  # =1: as --debug
+_DEBUG_HELP = f"show the full traceback of an error (or set {DEBUG_ENVIRONMENT}=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moonshot", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
     _add_prune(subparsers)
     register_checkpoint_cli(subparsers)
+    for subparser in subparsers.choices.values():
+        # also after the subcommand; SUPPRESS keeps a top-level --debug when absent here
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; an error becomes one ``error: ...`` line on stderr and
+    exit code 1 (130 on Ctrl-C), unless ``--debug`` or MOONSHOT_DEBUG=1 asks
+    for the traceback. Every output directory is written atomically, so an
+    error leaves nothing behind."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if args.debug or os.environ.get(DEBUG_ENVIRONMENT, "") not in ("", "0"):
+        return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted, nothing written", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except SystemExit as exc:
+        if exc.code == 128 + signal.SIGTERM:  # raised by moonshot_plugins.atomic.sigterm_raises
+            print("error: terminated, nothing written", file=sys.stderr)
+        raise
+    except Exception as exc:  # noqa: BLE001  (every error becomes one line; --debug shows it whole)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: Exception) -> str:
+    """What went wrong, on one line: a pydantic error as "Model.field: message"
+    per problem; an error we did not foresee with its type and the --debug hint."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        problems = [
+            f"{exc.title}{''.join(f'.{part}' for part in error['loc'])}: "
+            f"{error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors()
+        ]
+        return "; ".join(problems)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (ValueError, OSError)):  # what bad input raises
+        return text
+    return f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ Calibration windows, perplexity, and one pruning run through LLM Compressor's
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -127,7 +129,29 @@ def run_oneshot(
         model = str(model)  # oneshot only treats str as a path
     if output_dir is None:
         return oneshot(model=model, recipe=recipe, dataset=loader, **oneshot_kwargs)
-    with atomic_directory(output_dir, replace=replace) as staging:
+    with atomic_directory(output_dir, replace=replace) as staging, _logged_as(staging, output_dir):
         return oneshot(
             model=model, recipe=recipe, dataset=loader, output_dir=str(staging), **oneshot_kwargs
         )
+
+
+@contextlib.contextmanager
+def _logged_as(staging: pathlib.Path, target: str | pathlib.Path) -> Iterator[None]:
+    """While inside, log messages name ``target`` wherever they would name the
+    hidden ``staging`` directory (LLM Compressor logs the paths it writes):
+    the user sees where the result will be, not a ``.NAME.partial-*`` name."""
+    from loguru import logger
+
+    core = logger._core  # loguru has no public getter for the configured patcher
+    previous = core.patcher
+
+    def patcher(record: dict) -> None:
+        if previous is not None:
+            previous(record)
+        record["message"] = record["message"].replace(str(staging), str(target))
+
+    logger.configure(patcher=patcher)
+    try:
+        yield
+    finally:
+        core.patcher = previous  # configure(patcher=None) would keep ours

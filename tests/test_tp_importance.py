@@ -257,9 +257,70 @@ def test_bad_input():
     imp.accumulate(model, [(x, y)])
     with pytest.raises(RuntimeError, match="needs the Fisher"):
         imp.with_lam(0.5)(group)
-    model.zero_grad(set_to_none=True)
+    scores = imp(group)
+    model.zero_grad(set_to_none=True)  # the marks do not live in .grad
+    torch.testing.assert_close(imp(group), scores)
+    model.conv.weight = nn.Parameter(model.conv.weight.detach().clone())  # replaced outside Torch-Pruning
     with pytest.raises(RuntimeError, match="lost its MOONSHOT index marks"):
         imp(group)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"lam": True}, r"lam must be a number in \[0, 1\], got True"),
+        ({"group_reduction": "median"}, r"group_reduction must be one of \['mean', 'sum', 'max', 'prod', 'first', 'gate'\], got 'median'"),
+        ({"group_reduction": None}, r"group_reduction must be one of .*, got None"),
+        ({"normalizer": "l2"}, r"normalizer must be one of \['mean', 'sum', 'max', 'standarization', 'gaussian', 'lamp'\], 'sentinel_q' with q in \[0, 1\), a callable or None, got 'l2'"),
+        ({"normalizer": "sentinel_2"}, r"normalizer must be one of .*, got 'sentinel_2'"),
+    ],
+)
+def test_options_are_checked_at_construction(options, message):
+    with pytest.raises(ValueError, match=message):
+        MoonshotImportance(**options)
+
+
+@pytest.mark.parametrize("normalizer", ["sum", "standarization", "max", "gaussian", "lamp", "sentinel_0.5", None, torch.sigmoid])
+@pytest.mark.parametrize("group_reduction", ["mean", "sum", "max", "prod", "first", "gate"])
+def test_every_allowed_option_scores(group_reduction, normalizer):
+    model, x, y = norm_net()
+    imp = MoonshotImportance(lam=0.5, group_reduction=group_reduction, normalizer=normalizer)
+    imp.accumulate(model, [(x, y)])
+    for group in groups_of(model, x[:1]):
+        assert torch.isfinite(imp(group)).all()
+
+
+@pytest.mark.parametrize("with_grads", [True, False], ids=["grads", "no-grads"])
+def test_an_optimiser_step_after_pruning_uses_the_users_gradients(with_grads):
+    """The user's .grad survives calibration and Torch-Pruning's step(), pruned
+    along with its weight, so one SGD step moves each weight by lr * its own
+    gradient (index marks left in .grad moved conv.weight by 1.9 here, against 0.008)."""
+    from moonshot_plugins.torch_pruning.index_marks import index_marks
+
+    model, x, y = norm_net()
+    model.train()
+    if with_grads:
+        losses(model, (x, y)).mean().backward()
+    dense_grads = {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+    imp = MoonshotImportance(lam=0.5)
+    imp.accumulate(model, [(x, y)])
+    pruner = tp.pruner.MetaPruner(model, x[:1], importance=imp, pruning_ratio=0.5, ignored_layers=[model.fc])
+    pruner.step()
+    assert model.conv.weight.shape[0] < 8  # really pruned
+    lr = 0.01
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    torch.optim.SGD(model.parameters(), lr=lr).step()
+    largest = max((g.abs().max().item() for g in dense_grads.values() if g is not None), default=0.0)
+    for name, p in model.named_parameters():
+        if not with_grads:
+            assert p.grad is None, name
+            assert torch.equal(p, before[name]), name
+            continue
+        marks = index_marks(p)
+        if marks is not None:  # a scored weight: its gradient is the user's, restricted to what remains
+            torch.testing.assert_close(p.grad, dense_grads[name].flatten()[marks.long()], rtol=0, atol=0)
+        torch.testing.assert_close(p.detach(), before[name] - lr * p.grad)
+        assert (p.detach() - before[name]).abs().max() <= lr * largest + 1e-7, name
 
 
 def test_group_without_prunable_weights_is_none():

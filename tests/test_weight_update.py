@@ -24,7 +24,7 @@ def _layer(seed: int, d_out: int = 12, d_in: int = 32):
 
 
 def _objective(hessian, dense, weight):
-    delta = weight - dense
+    delta = (weight - dense).detach()
     return float(((delta @ hessian) * delta).sum())
 
 

@@ -3,6 +3,9 @@
 N:M means: along the input dimension (the last one) every group of M
 consecutive weights holds at most N non-zeros -- the layout 2:4 sparse tensor
 cores (and vLLM's old 2:4 kernels) need. ``-0.0`` counts as zero.
+
+Every weight tensor is also checked for NaN/inf: a checkpoint holding one
+fails the check whatever its sparsity.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from moonshot_plugins.checkpoint.safetensors_io import (
     weight_files,
 )
 from moonshot_plugins.checkpoint.targets import choose_targets, select_layers
+from moonshot_plugins.core.finite import describe_non_finite
 from moonshot_plugins.core.mask_structure import parse_mask_structure
 
 READABLE_FORMATS = ("dense", LEGACY_FORMAT, "int-quantized", "float-quantized", "naive-quantized")
@@ -48,6 +52,12 @@ class LayerReport:
     bad_groups: int = 0  # groups of M with more than N non-zeros
     first_bad: list[int] | None = None  # [row, first column] of the first bad group
     reason: str | None = None  # why it is not N:M, in words
+    non_finite: str | None = None  # e.g. "2 NaN and 0 inf values", None when finite
+
+    @property
+    def ok(self) -> bool:
+        """N:M and finite."""
+        return self.is_nm and self.non_finite is None
 
     @property
     def sparsity(self) -> float:
@@ -73,14 +83,17 @@ class CheckReport:
     model_zeros: int  # over every floating/integer weight tensor in the checkpoint
     model_numel: int
     layer_source: str = "config"  # "config" (meta model) or "tensor-names" (fallback)
+    # every tensor of the checkpoint holding NaN/inf (targeted or not) -> "N NaN and M inf values"
+    non_finite_tensors: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return bool(self.layers) and all(layer.is_nm for layer in self.layers)
+        return bool(self.layers) and all(layer.ok for layer in self.layers) and not self.non_finite_tensors
 
     @property
     def failing(self) -> list[LayerReport]:
-        return [layer for layer in self.layers if not layer.is_nm]
+        """Targeted layers that are not N:M or hold NaN/inf."""
+        return [layer for layer in self.layers if not layer.ok]
 
     @property
     def global_sparsity(self) -> float:
@@ -112,6 +125,8 @@ class CheckReport:
         width = max((len(layer.name) for layer in self.layers), default=10)
         for layer in self.layers:
             status = "ok" if layer.is_nm else f"NOT {self.structure}: {layer.reason}"
+            if layer.non_finite:
+                status += f"; holds {layer.non_finite}"
             lines.append(f"  {layer.name:<{width}}  {layer.sparsity:7.2%}  {status}")
         lines.append(
             f"global sparsity {self.global_sparsity:.2%} over targeted layers, "
@@ -122,8 +137,12 @@ class CheckReport:
         elif not self.layers:
             lines.append("FAIL: no layer matched the targets")
         else:
-            names = ", ".join(layer.name for layer in self.failing)
-            lines.append(f"FAIL: {len(self.failing)} targeted layer(s) not {self.structure}: {names}")
+            not_nm = [layer.name for layer in self.layers if not layer.is_nm]
+            if not_nm:
+                lines.append(f"FAIL: {len(not_nm)} targeted layer(s) not {self.structure}: {', '.join(not_nm)}")
+        if self.non_finite_tensors:
+            found = ", ".join(f"{key} ({what})" for key, what in self.non_finite_tensors.items())
+            lines.append(f"FAIL: {len(self.non_finite_tensors)} tensor(s) hold NaN/inf: {found}")
         return "\n".join(lines)
 
 
@@ -154,7 +173,9 @@ def check_checkpoint(
     weight_format = _readable_weight_format(path)
     choice = choose_targets(path, targets, ignore)
     selected, layer_source = select_layers(path, tensors, choice.targets, choice.ignore)
-    layers, model_zeros, model_numel = _measure(path, files, _keys_by_file(path, selected, tensors), n, m)
+    layers, model_zeros, model_numel, non_finite = _measure(
+        path, files, _keys_by_file(path, selected, tensors), n, m
+    )
     order = {name: i for i, (name, _) in enumerate(selected)}
     layers.sort(key=lambda layer: order[layer.name])
     return CheckReport(
@@ -170,6 +191,7 @@ def check_checkpoint(
         model_zeros=model_zeros,
         model_numel=model_numel,
         layer_source=layer_source,
+        non_finite_tensors=non_finite,
     )
 
 
@@ -218,9 +240,11 @@ def _keys_by_file(path: Path, selected: list[tuple[str, str]], tensors: Headers)
 
 def _measure(
     path: Path, files: list[str], by_file: dict[str, dict[str, str]], n: int, m: int
-) -> tuple[list[LayerReport], int, int]:
-    """Reports of the targeted layers (file order), and zeros / elements over every weight tensor."""
+) -> tuple[list[LayerReport], int, int, dict[str, str]]:
+    """Reports of the targeted layers (file order), zeros / elements over every
+    weight tensor, and every tensor holding NaN/inf with what it holds."""
     layers: list[LayerReport] = []
+    non_finite: dict[str, str] = {}
     model_zeros = model_numel = 0
     for file_name in files:
         file = path / file_name
@@ -236,9 +260,14 @@ def _measure(
                 zeros = int((~_nonzero(weight)).sum())
                 model_zeros += zeros
                 model_numel += weight.numel()
+                found = describe_non_finite(weight)
+                if found is not None:
+                    non_finite[key] = found
                 if key in wanted:
-                    layers.append(_layer_report(wanted[key], key, file_name, weight, zeros, n, m))
-    return layers, model_zeros, model_numel
+                    report = _layer_report(wanted[key], key, file_name, weight, zeros, n, m)
+                    report.non_finite = found
+                    layers.append(report)
+    return layers, model_zeros, model_numel, non_finite
 
 
 def _layer_report(name: str, key: str, file_name: str, weight: torch.Tensor, zeros: int, n: int, m: int) -> LayerReport:

@@ -27,8 +27,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
         if not report.layers:
             print(f"error: no layer matched targets {report.targets} (ignore {report.ignore})", file=sys.stderr)
         for layer in report.failing:
-            print(f"error: layer {layer.name} ({layer.file}) is not {report.structure}: {layer.reason}",
-                  file=sys.stderr)
+            if not layer.is_nm:
+                print(f"error: layer {layer.name} ({layer.file}) is not {report.structure}: {layer.reason}",
+                      file=sys.stderr)
+        for key, found in report.non_finite_tensors.items():
+            print(f"error: tensor {key} holds {found}", file=sys.stderr)
         return 1
     return 0
 
@@ -65,7 +68,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "check",
         help="per-layer sparsity and N:M check of a saved checkpoint",
         description="Report per targeted layer its sparsity and whether it is exactly N:M, plus the global "
-        "sparsity. Exit 0 if every targeted layer is N:M, 1 if one is not (named on stderr), 2 on bad input.",
+        "sparsity, and every weight tensor for NaN/inf. Exit 0 if every targeted layer is N:M and every tensor "
+        "finite, 1 if not (named on stderr), 2 on bad input.",
     )
     check.add_argument("checkpoint", help="checkpoint directory (safetensors, sharded or not)")
     check.add_argument("--structure", default="2:4", help="N:M pattern (default 2:4)")

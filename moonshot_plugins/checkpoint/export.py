@@ -98,6 +98,9 @@ def _exportable_report(
         )
     if not report.layers:
         raise CheckpointError(f"{src}: no layer matches targets {report.targets} (ignore {report.ignore})")
+    if report.non_finite_tensors:
+        key, found = next(iter(report.non_finite_tensors.items()))
+        raise CheckpointError(f"{src}: tensor {key} holds {found}; refusing to export non-finite weights")
     if not report.ok:
         bad = report.failing[0]
         raise CheckpointError(

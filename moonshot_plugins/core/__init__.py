@@ -12,6 +12,8 @@ their hosts' state into these tensor functions.
 * :mod:`~moonshot_plugins.core.norm_fisher`: the Fisher of a norm layer's gamma
 * :mod:`~moonshot_plugins.core.losses`: per-sample losses
 * :mod:`~moonshot_plugins.core.gradient_pass`: the forward/backward driver
+* :mod:`~moonshot_plugins.core.finite`: NaN/inf checks that stop a run before
+  any weight changes
 * :mod:`~moonshot_plugins.core.objective`: combining reconstruction and Taylor
 * :mod:`~moonshot_plugins.core.sparsify`: masks of per-weight score hosts
 * :mod:`~moonshot_plugins.core.curvature`, :mod:`~moonshot_plugins.core.resolve`,
@@ -45,6 +47,7 @@ from moonshot_plugins.core.curvature import (
     layer_objective,
 )
 from moonshot_plugins.core.collector import FISHER_MODES, FisherCollector, validate_fisher_mode
+from moonshot_plugins.core.finite import NonFiniteError, check_finite_parameters, describe_non_finite
 from moonshot_plugins.core.gradient_pass import (
     activation_checkpointing,
     frozen_parameters,
@@ -53,6 +56,7 @@ from moonshot_plugins.core.gradient_pass import (
 )
 from moonshot_plugins.core.layers import (
     has_affine_weight,
+    in_features,
     is_depthwise_conv,
     is_norm_layer,
     layer_inputs,
@@ -103,11 +107,15 @@ __all__ = [
     "FISHER_MODES",
     "FisherCollector",
     "validate_fisher_mode",
+    "NonFiniteError",
+    "check_finite_parameters",
+    "describe_non_finite",
     "activation_checkpointing",
     "frozen_parameters",
     "release_freed_memory",
     "run_gradient_pass",
     "has_affine_weight",
+    "in_features",
     "is_depthwise_conv",
     "is_norm_layer",
     "layer_inputs",

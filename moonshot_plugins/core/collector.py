@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moonshot_plugins.core.finite import NonFiniteError, describe_non_finite
 from moonshot_plugins.core.layers import (
     Conv1D,
     check_supported_layer,
@@ -252,6 +253,27 @@ class FisherCollector:
             store[name] = update
 
     # -- results -------------------------------------------------------------
+    def check_finite(self) -> None:
+        """Raise :class:`~moonshot_plugins.core.finite.NonFiniteError` naming the
+        first layer (in ``modules`` order) whose statistics hold a NaN or inf:
+        its inputs or output gradients were not finite."""
+        for name in self.modules:
+            stores = {
+                "Fisher": self._matrix_acc.get(name),
+                "diagonal Fisher": self._diag_acc.get(name),
+                "input moment": self._moment_acc.get(name),
+                "token statistics": self._token_statistics.summary(name),
+            }
+            for statistic, value in stores.items():
+                found = None if value is None else describe_non_finite(value)
+                if found is not None:
+                    raise NonFiniteError(
+                        f"the {statistic} of layer {name!r} holds {found}: its inputs or "
+                        "output gradients were not finite in the gradient pass (float16 "
+                        "activations can overflow: load the model in float32 or bfloat16). "
+                        "Nothing was changed"
+                    )
+
     def _num(self, name: str) -> int:
         n = self.num_samples[name]
         if n == 0:

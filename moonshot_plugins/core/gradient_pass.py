@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moonshot_plugins.core.collector import FisherCollector
+from moonshot_plugins.core.finite import NonFiniteError
 
 __all__ = [
     "frozen_parameters",
@@ -148,13 +149,41 @@ def run_gradient_pass(
                         batch = _truncate(batch, max_samples - used)
                         size = max_samples - used
                 losses = sample_losses(model, batch)
+                _check_losses(losses, first_sample=used)
                 losses.sum().backward()
                 del losses
                 release_freed_memory()
                 used += size
     finally:
         model.train(was_training)
+    if used == 0:
+        raise ValueError(
+            "calibration data is empty: the gradient pass got no batch "
+            "(it needs at least one calibration sample)"
+        )
     return used
+
+
+def _check_losses(losses: torch.Tensor, first_sample: int) -> None:
+    """Raise before ``backward`` when a batch's per-sample losses (B,) cannot
+    give gradients: non-finite, or not depending on the model at all.
+
+    :param first_sample: index of the batch's first sample in the pass
+    """
+    finite = torch.isfinite(losses.detach())
+    if not bool(finite.all()):
+        k = int((~finite).nonzero()[0])
+        raise NonFiniteError(
+            f"calibration sample {first_sample + k}: the loss is {losses[k].item()}; "
+            "the model's output is not finite on it (an overflowing activation or a "
+            "non-finite input). Nothing was changed"
+        )
+    if not losses.requires_grad:
+        raise ValueError(
+            f"calibration samples {first_sample}-{first_sample + losses.shape[0] - 1}: "
+            "the loss does not depend on the model, so there is no gradient to measure "
+            "(every sample needs at least one prediction target)"
+        )
 
 
 def _truncate(batch: Any, n: int) -> Any:

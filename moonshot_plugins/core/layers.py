@@ -24,6 +24,7 @@ __all__ = [
     "is_depthwise_conv",
     "conv_groups",
     "out_features",
+    "in_features",
     "check_supported_layer",
     "layer_inputs",
     "layer_output_grads",
@@ -63,6 +64,13 @@ def out_features(module: nn.Module) -> int:
     if isinstance(module, Conv1D):
         return module.weight.shape[1]
     return module.weight.shape[0]
+
+
+def in_features(module: nn.Module) -> int:
+    """d_in of the standardised weight (C_in * kh * kw for Conv2d)."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0]
+    return module.weight[0].numel()
 
 
 def check_supported_layer(

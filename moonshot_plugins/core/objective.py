@@ -34,6 +34,8 @@ def validate_taylor_weight(taylor_weight: float | str, allow_auto: bool = False)
     if allow_auto and taylor_weight == AUTO:
         return AUTO
     allowed = "a number in [0, 1] or 'auto'" if allow_auto else "in [0, 1]"
+    if isinstance(taylor_weight, bool):  # YAML's true/false are not numbers here
+        raise ValueError(f"taylor_weight must be {allowed}, got {taylor_weight!r}")
     try:
         value = float(taylor_weight)
     except (TypeError, ValueError):

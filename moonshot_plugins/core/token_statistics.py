@@ -64,6 +64,15 @@ class TokenStatistics:
         # (contiguous() copies the strided view, so the (B, T, 2) summary is freed)
         self.input_sums[name].extend(sums.contiguous().cpu().unbind(0))
 
+    def summary(self, name: str) -> torch.Tensor | None:
+        """Every number kept for layer ``name`` in one fp64 tensor (None before
+        any batch): what a finiteness check reads."""
+        if name not in self._energies:
+            return None
+        parts = [self._energies[name], self._row_energies[name]]
+        parts += [w.double() for w in self.weights[name]] + [s.double() for s in self.input_sums[name]]
+        return torch.cat([p.flatten() for p in parts])
+
     def energies(self, name: str) -> tuple[float, float]:
         """(A, B) of layer ``name`` (see the module docstring)."""
         energy, weighted = self._energies[name].tolist()

@@ -11,6 +11,8 @@ lifecycle:
 
 - ``sparsegpt.py``, ``wanda.py``: the two modifiers (fields and host hooks);
 - ``mixin.py``: their shared fields and the gradient pass at ``on_initialize``;
+- ``host_fields.py``: checks of the host fields passed through (``sparsity``,
+  ``mask_structure``, ``targets`` ...) and of layer widths under N:M;
 - ``gradient_pass.py``: the pass and its per-layer record, ``LayerTaylorStatistics``;
 - ``token_reweighting.py``: SparseGPT's token mode (inputs reweighted, samples matched);
 - ``row_weights.py``: SparseGPT's per-row objective weights;

@@ -20,16 +20,27 @@ class CausalLMLosses:
     the loss run in chunks of positions (:func:`chunked_causal_lm_sample_losses`)
     so the B x T x vocab logits never exist at once: they were the largest
     single item of the pass's memory. Other models take the plain path.
+
+    :param split_head: False when the output embedding is itself pruned: the
+        chunked path runs it on chunks of the first T-1 positions, so its
+        per-position statistics would not line up with the host's pass over
+        all T positions
     """
 
-    def __init__(self) -> None:
-        self.chunked: bool | None = None  # decided on the first batch
+    def __init__(self, split_head: bool = True) -> None:
+        self.chunked: bool | None = None if split_head else False  # None: decided on the first batch
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         device = next(model.parameters()).device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         input_ids = batch["input_ids"]
         attention_mask = batch.get("attention_mask")
+        if input_ids.shape[-1] < 2:
+            raise ValueError(
+                f"calibration samples of {input_ids.shape[-1]} token: MOONSHOT's gradient pass "
+                "differentiates the loss of predicting each next token, so every calibration "
+                "sample needs at least 2 tokens"
+            )
         if self.chunked is None:
             self.chunked = _head_is_separable(model, input_ids[:1], _first(attention_mask))
         if self.chunked:

@@ -102,6 +102,7 @@ def collect_layer_statistics(
         # memory near the host's own
         checkpoint_modules=checkpoint_modules,
     )
+    collector.check_finite()
     logger.info(
         f"MOONSHOT: {fisher_mode} Fisher of {len(modules)} layers from {used} calibration samples"
     )
@@ -131,10 +132,12 @@ def _run_on_main_device(
         model.to(device)
     autocast_dtype = resolve_gradient_dtype(gradient_dtype, device)
     logger.info(f"MOONSHOT gradient pass on {device} in {autocast_dtype or torch.float32}")
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    losses = CausalLMLosses(split_head=head is None or head not in collector.modules.values())
     try:
         with HooksMixin.disable_hooks():
             return run_gradient_pass(
-                model, dataloader, collector, CausalLMLosses(), autocast_dtype=autocast_dtype, **options
+                model, dataloader, collector, losses, autocast_dtype=autocast_dtype, **options
             )
     finally:
         if device != original_device:

@@ -14,6 +14,9 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_T
 from moonshot_plugins.core import (
     AUTO,
     AUTO_DTYPE,
+    NonFiniteError,
+    check_finite_parameters,
+    describe_non_finite,
     validate_fisher_mode,
     validate_gradient_dtype,
     validate_taylor_weight,
@@ -22,6 +25,15 @@ from moonshot_plugins.llmcompressor.gradient_pass import (
     LayerTaylorStatistics,
     collect_layer_statistics,
     sampled_fraction,
+)
+from moonshot_plugins.llmcompressor.host_fields import (
+    check_layer_widths,
+    check_sparsity_list,
+    checked_sparsity,
+    validate_ignore,
+    validate_mask_structure,
+    validate_sparsity,
+    validate_targets,
 )
 from moonshot_plugins.llmcompressor.token_reweighting import TokenReweighting
 
@@ -34,6 +46,22 @@ class MoonshotModifierMixin(BaseModel):
     """The MOONSHOT fields of both modifiers, and the gradient pass run at
     ``on_initialize`` that fills one :class:`LayerTaylorStatistics` per layer
     (dropped at ``on_finalize``). Listed before the host in the bases.
+
+    The host fields passed through are checked too
+    (:mod:`~moonshot_plugins.llmcompressor.host_fields`), and the run stops
+    before any weight changes on a NaN/inf weight, loss or statistic, on
+    calibration data the gradient pass cannot use, on targets that select no
+    layer, and on a layer whose width is not a multiple of M under "N:M":
+
+    :param sparsity: fraction of each pruned layer's weights set to zero, in
+        (0, 1) (or a list, one per target layer). Under an N:M
+        ``mask_structure`` the host prunes exactly N of every M weights, so
+        ``sparsity`` must be N/M or left out (it then defaults to N/M); a
+        different value is an error, not silently ignored. Required for
+        unstructured ``"0:0"``.
+    :param mask_structure: ``"N:M"`` with 0 < N < M (prune N of every M
+        consecutive input weights; every pruned layer's input width must be a
+        multiple of M) or ``"0:0"`` (unstructured, the default)
 
     :param taylor_weight: lam in [0, 1], weight of the Taylor (Fisher) term;
         0 reproduces the host exactly, 1 is Taylor-only. "auto" (token mode):
@@ -57,6 +85,7 @@ class MoonshotModifierMixin(BaseModel):
         accumulated in fp32.
     """
 
+    sparsity: float | list[float] | None = None  # the host's field; None: N/M under "N:M"
     taylor_weight: float | str = DEFAULT_TAYLOR_WEIGHT
     fisher_mode: str = "token"
     fisher_samples: int | None = None
@@ -75,6 +104,31 @@ class MoonshotModifierMixin(BaseModel):
     @classmethod
     def _check_taylor_weight(cls, value: Any) -> float | str:
         return validate_taylor_weight(value, allow_auto=True)
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _check_sparsity(cls, value: Any) -> float | list[float] | None:
+        return validate_sparsity(value)
+
+    @field_validator("mask_structure", mode="before", check_fields=False)
+    @classmethod
+    def _check_mask_structure(cls, value: Any) -> str:
+        return validate_mask_structure(value)
+
+    @field_validator("targets", check_fields=False)
+    @classmethod
+    def _check_targets(cls, value: str | list[str]) -> list[str]:
+        return validate_targets(value)
+
+    @field_validator("ignore", check_fields=False)
+    @classmethod
+    def _check_ignore(cls, value: list[str]) -> list[str]:
+        return validate_ignore(value)
+
+    @model_validator(mode="after")
+    def _check_sparsity_matches_structure(self):
+        self.sparsity = checked_sparsity(self.sparsity, self.mask_structure)
+        return self
 
     @model_validator(mode="after")
     def _check_auto_is_supported(self):
@@ -100,14 +154,29 @@ class MoonshotModifierMixin(BaseModel):
     def _check_gradient_dtype(cls, value: str) -> str:
         return validate_gradient_dtype(value)
 
-    @field_validator("fisher_samples")
+    @field_validator("fisher_samples", mode="before")
     @classmethod
-    def _check_fisher_samples(cls, value: int | None) -> int | None:
-        if value is not None and value <= 0:
+    def _check_fisher_samples(cls, value: Any) -> int | None:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ValueError(
-                f"fisher_samples must be a positive integer or None (all samples), got {value}"
+                f"fisher_samples must be a positive integer or None (all samples), got {value!r}"
             )
         return value
+
+    def _check_finite_host_statistics(
+        self, statistics: dict[torch.nn.Module, torch.Tensor], what: str
+    ) -> None:
+        """Raise naming the first layer whose host statistic (``what``, e.g. the
+        Hessian) holds a NaN or inf, before this group of layers is pruned: the
+        hosts would otherwise fall back to a magnitude-like mask without an error."""
+        for module in self._num_samples:
+            found = describe_non_finite(statistics[module])
+            if found is not None:
+                raise NonFiniteError(
+                    f"the {what} of layer {self._module_names[module].rstrip('.')} holds {found}: "
+                    "its calibration inputs were not finite (float16 activations can overflow: "
+                    "load the model in float32 or bfloat16)"
+                )
 
     def _fisher_statistic(self) -> str:
         """What the host consumes: "token_weights" (inputs reweighted during the
@@ -115,11 +184,34 @@ class MoonshotModifierMixin(BaseModel):
         raise NotImplementedError
 
     def on_initialize(self, state: State, **kwargs) -> bool:
-        """The host's initialization, then the gradient pass (unless lam == 0)."""
+        """The host's initialization, the checks of the model and the data,
+        then the gradient pass (unless lam == 0). Nothing here changes a weight."""
+        target_layers = len(dict(match_named_modules(state.model, self.targets)))
+        check_sparsity_list(self.sparsity, target_layers, self.targets)  # before the host's own, vaguer check
         initialized = super().on_initialize(state, **kwargs)
+        self._check_model_and_data(state.model, state.data.calib)
         if self.taylor_weight != 0.0:  # a number > 0 or "auto"
             self._collect_layer_statistics(state.model, state.data.calib)
         return initialized
+
+    def _check_model_and_data(self, model: torch.nn.Module, dataloader) -> None:
+        """Raise, naming what is wrong, before any weight changes: no layer
+        selected, a width the N:M structure cannot tile, a non-finite weight,
+        or empty calibration data."""
+        modules = self._moonshot_modules()
+        if not modules:
+            raise ValueError(
+                f"targets {self.targets!r} with ignore {self.ignore!r} select no layer to prune "
+                "(Linear or Conv layers inside the targets); nothing was changed"
+            )
+        check_layer_widths(modules, self.mask_structure)
+        check_finite_parameters(model.named_parameters())
+        if dataloader is not None and hasattr(dataloader, "__len__") and len(dataloader) == 0:
+            tokens = " of 2 or more tokens" if self.taylor_weight != 0.0 else ""
+            raise ValueError(
+                "calibration data is empty: the dataloader yields no samples; "
+                f"{type(self).__name__} needs at least one calibration sample{tokens}"
+            )
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         """Drop every MOONSHOT statistic, then the host's finalization."""

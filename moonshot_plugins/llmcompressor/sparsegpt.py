@@ -16,6 +16,8 @@ from moonshot_plugins.core import (
     restore_weight,
     standardized_weight,
 )
+from moonshot_plugins.core.mask_structure import parse_mask_structure
+from moonshot_plugins.llmcompressor.host_fields import validate_block_size, validate_dampening_frac
 from moonshot_plugins.llmcompressor.mixin import MoonshotModifierMixin
 from moonshot_plugins.llmcompressor.row_weights import scale_rows, unscale_rows
 from moonshot_plugins.llmcompressor.weight_update import (
@@ -81,7 +83,8 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
     ```
 
     All ``SparseGPTModifier`` fields apply (``sparsity_profile: owl``,
-    ``block_size``, ``dampening_frac`` ...), plus ``taylor_weight``,
+    ``block_size`` (a positive integer, a multiple of M under "N:M"),
+    ``dampening_frac`` (a finite number >= 0) ...), plus ``taylor_weight``,
     ``fisher_mode``, ``fisher_samples``, ``offload_fisher`` and
     ``gradient_dtype`` (see :class:`MoonshotModifierMixin`).
     """
@@ -94,6 +97,27 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
     @classmethod
     def _check_weight_update(cls, value: str) -> str:
         return validate_weight_update(value)
+
+    @field_validator("block_size", mode="before")
+    @classmethod
+    def _check_block_size(cls, value: object) -> int:
+        return validate_block_size(value)
+
+    @field_validator("dampening_frac", mode="before")
+    @classmethod
+    def _check_dampening_frac(cls, value: object) -> float:
+        return validate_dampening_frac(value)
+
+    @model_validator(mode="after")
+    def _check_blocks_hold_whole_groups(self):
+        _, m = parse_mask_structure(self.mask_structure)
+        if m and self.block_size % m:
+            raise ValueError(
+                f"block_size {self.block_size} must be a multiple of M = {m} under mask_structure "
+                f"'{self.mask_structure}': SparseGPT picks each group of {m} inside one block of "
+                "block_size columns, so a group straddling two blocks would be cut"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_row_weights(self):
@@ -131,6 +155,7 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
         where the Hessian changes: it becomes ``combine_hessians(H, F, lam)``
         first. With ``row_weights``, rows are scaled by sqrt(m_i) around the
         solver; ``weight_update`` then replaces the sweep's weights."""
+        self._check_finite_host_statistics(self._hessians, "Hessian")
         row_roots = self._scale_rows() if self.row_weights else {}
         for module in list(self._num_samples):
             statistics = self._layer_statistics.pop(module, None)  # done with this layer

@@ -28,6 +28,7 @@ from moonshot_plugins.core import (
     row_wise_mask,
     standardized_weight,
 )
+from moonshot_plugins.llmcompressor.host_fields import validate_dampening_frac
 from moonshot_plugins.llmcompressor.mixin import MoonshotModifierMixin
 from moonshot_plugins.llmcompressor.weight_update import damped_hessian
 
@@ -75,6 +76,11 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
     # per layer, H = (2/n) X^T X while weight_update != "host"
     _grams: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
 
+    @field_validator("dampening_frac", mode="before")
+    @classmethod
+    def _check_dampening_frac(cls, value: object) -> float:
+        return validate_dampening_frac(value)
+
     @field_validator("weight_update")
     @classmethod
     def _check_weight_update(cls, value: str) -> str:
@@ -104,6 +110,7 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
         """Prune every calibrated layer on the combined per-weight curvature
         (the host's own ``compress_modules`` when lam == 0 and the update is
         the host's), then apply ``weight_update``."""
+        self._check_finite_host_statistics(self._row_scalars, "input norms")
         if self.taylor_weight == 0.0 and self.weight_update == "host":
             return super().compress_modules()
         for module in list(self._num_samples):

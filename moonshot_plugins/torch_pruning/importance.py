@@ -22,13 +22,12 @@ or :meth:`MoonshotImportance.accumulate`): a forward pass feeds the input
 moments, a backward pass of the summed per-sample losses feeds the Fisher
 (both through :class:`moonshot_plugins.core.FisherCollector`).
 
-Bookkeeping: Torch-Pruning prunes a weight's ``.grad`` together with the
-weight, which is how ``HessianImportance`` keeps its squared gradients aligned
-with pruned layers. MOONSHOT uses the same channel: after calibration each
-scored weight's ``.grad`` holds the original flat index of every weight, so
-after any pruning the statistics are gathered for exactly the weights that
-remain. Do not zero the model's gradients between calibration and pruning
-(call :meth:`MoonshotImportance.attach` again to re-mark an unpruned copy).
+Bookkeeping: after calibration each scored weight carries the original flat
+index of each of its elements, and Torch-Pruning's pruning selects them along
+with the weight (:mod:`~moonshot_plugins.torch_pruning.index_marks`), so after
+any pruning the statistics are gathered for exactly the weights that remain.
+The model's ``.grad`` is never touched. Call :meth:`MoonshotImportance.attach`
+to mark an unpruned deep copy of the calibrated model.
 """
 
 from __future__ import annotations
@@ -64,7 +63,15 @@ from moonshot_plugins.core import (
     relative_errors,
     run_gradient_pass,
     validate_fisher_mode,
-    validate_taylor_weight,
+)
+from moonshot_plugins.torch_pruning.index_marks import index_marks, mark_indices
+from moonshot_plugins.torch_pruning.options import (
+    GROUP_REDUCTIONS,
+    NORMALIZERS,
+    RECON_TERMS,
+    one_of,
+    validate_lam,
+    validate_normalizer,
 )
 
 __all__ = [
@@ -72,11 +79,11 @@ __all__ = [
     "OBJECTIVE_SCALES",
     "RECON_SCALES",
     "RECON_TERMS",
+    "GROUP_REDUCTIONS",
+    "NORMALIZERS",
     "classification_sample_losses",
 ]
 
-RECON_TERMS: tuple[str, ...] = ("all", "inputs")
-_MAX_EXACT_INDEX = 2**24  # float32 holds every integer below this exactly
 
 _OUT = (function.prune_conv_out_channels, function.prune_linear_out_channels)
 _IN = (function.prune_conv_in_channels, function.prune_linear_in_channels)
@@ -113,8 +120,11 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
     forward pass alone (no backward) is enough when ``lam == 0``.
 
     :param lam: weight of the Taylor/OBD objective in [0, 1]
-    :param group_reduction: Torch-Pruning's reduction over the group's layers
-    :param normalizer: Torch-Pruning's normaliser, applied to the mixed score
+    :param group_reduction: Torch-Pruning's reduction over the group's layers,
+        one of :data:`GROUP_REDUCTIONS`
+    :param normalizer: Torch-Pruning's normaliser, applied to the mixed score:
+        one of :data:`NORMALIZERS`, ``"sentinel_q"`` (q in [0, 1)), a callable
+        or None
     :param objective_scale: what each objective is divided by before mixing:
         "mean" or "median" of its channel scores in the group
     :param fisher_mode: "sample" (per-sample gradients, as OBD /
@@ -140,23 +150,15 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
         bias: bool = False,
         target_types: list = [nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm],
     ):
-        self.lam = _validate_lam(lam)
+        self.lam = validate_lam(lam)
         self.fisher_mode = validate_fisher_mode(fisher_mode)
-        if recon_scale not in RECON_SCALES:
-            raise ValueError(f"recon_scale must be one of {list(RECON_SCALES)}, got {recon_scale!r}")
         if bias:
             raise ValueError("bias must be False: MOONSHOT scores weights only")
-        if recon_terms not in RECON_TERMS:
-            raise ValueError(f"recon_terms must be one of {list(RECON_TERMS)}, got {recon_terms!r}")
-        if objective_scale not in OBJECTIVE_SCALES:
-            raise ValueError(
-                f"objective_scale must be one of {list(OBJECTIVE_SCALES)}, got {objective_scale!r}"
-            )
-        self.objective_scale = objective_scale
-        self.recon_scale = recon_scale
-        self.recon_terms = recon_terms
-        self.group_reduction = group_reduction
-        self.normalizer = normalizer
+        self.objective_scale = one_of("objective_scale", objective_scale, OBJECTIVE_SCALES)
+        self.recon_scale = one_of("recon_scale", recon_scale, RECON_SCALES)
+        self.recon_terms = one_of("recon_terms", recon_terms, RECON_TERMS)
+        self.group_reduction = one_of("group_reduction", group_reduction, GROUP_REDUCTIONS)
+        self.normalizer = validate_normalizer(normalizer)
         self.bias = False
         self.target_types = list(target_types)
         self.p = 2
@@ -215,6 +217,7 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
                 yield self
         finally:
             model.train(was_training)
+        collector.check_finite()
         self._store(layers, collector)
         self.attach(model)
 
@@ -275,9 +278,9 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
     def attach(self, model: nn.Module) -> None:
         """Mark an unpruned ``model`` (the calibrated one or a deep copy) for scoring.
 
-        Writes each scored weight's original flat indices into its ``.grad``
-        (Torch-Pruning prunes ``.grad`` along with the weight) and maps the
-        model's layers to the calibrated statistics by name.
+        Gives each scored weight its original flat indices (pruned along with
+        the weight, :mod:`~moonshot_plugins.torch_pruning.index_marks`) and
+        maps the model's layers to the calibrated statistics by name.
         """
         if not self.calibrated:
             raise RuntimeError("MoonshotImportance has no calibration data: run calibrate()/accumulate() first")
@@ -290,12 +293,7 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
                     f"layer {name!r} has weight shape {tuple(layer.weight.shape)}, calibrated as "
                     f"{tuple(self._shapes[name])}: attach() needs the unpruned model"
                 )
-            numel = layer.weight.numel()
-            if numel >= _MAX_EXACT_INDEX:
-                raise ValueError(f"layer {name!r} has {numel} weights; at most {_MAX_EXACT_INDEX - 1} supported")
-            layer.weight.grad = torch.arange(numel, dtype=layer.weight.dtype, device=layer.weight.device).view(
-                layer.weight.shape
-            )
+            mark_indices(layer.weight)
             self._names[id(layer)] = name
 
     def with_lam(self, lam: float) -> "MoonshotImportance":
@@ -305,7 +303,7 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
         :meth:`attach` on the model it will prune.
         """
         other = copy.copy(self)
-        other.lam = _validate_lam(lam)
+        other.lam = validate_lam(lam)
         other._names = dict(self._names)
         return other
 
@@ -314,13 +312,13 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
         name = self._names.get(id(layer))
         if name is None:
             return None
-        grad = layer.weight.grad
-        if grad is None or grad.shape != layer.weight.shape:
+        marks = index_marks(layer.weight)
+        if marks is None or marks.shape != layer.weight.shape:
             raise RuntimeError(
-                f"layer {name!r} lost its MOONSHOT index marks (its .grad was cleared); "
-                "call attach() on the unpruned model or calibrate again"
+                f"layer {name!r} lost its MOONSHOT index marks (its weight was replaced "
+                "outside Torch-Pruning); call attach() on the unpruned model or calibrate again"
             )
-        return name, grad.detach().long()
+        return name, marks.long()
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor | None:
@@ -413,9 +411,3 @@ class MoonshotImportance(tp.importance.GroupMagnitudeImportance):
             return relative_errors(errors, energy.sum(), self.recon_scale)
         return None
 
-
-def _validate_lam(lam: float) -> float:
-    try:
-        return validate_taylor_weight(lam)
-    except (TypeError, ValueError):
-        raise ValueError(f"lam must be a number in [0, 1], got {lam!r}") from None
