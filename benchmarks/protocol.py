@@ -39,6 +39,7 @@ CALIBRATION_DOC_SECTIONS = ("howto", "faq", "reference")
 LICENSE_DIR = pathlib.Path("/usr/share/common-licenses")
 LICENSE_FILES = ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "LGPL-2.1", "CC0-1.0", "Artistic")
 CLEARLY_BELOW = 2.0  # standard errors between the mean ratio and 1 for "clearly"
+MIN_DRAWS = 3  # draws per cell before a verdict
 
 
 def licenses_text() -> str:
@@ -133,11 +134,17 @@ def paired_ratios(runs: list[dict[str, Any]], method: Callable[[dict], bool],
     return cells
 
 
-def verdict(cells: dict[tuple[str, str], dict[str, Any]]) -> str:
+def verdict(cells: dict[tuple[str, str], dict[str, Any]], expected_cells: int | None = None) -> str:
     """"helps", "mixed" (below 1 in every cell but clearly so in at most half)
-    or "loses somewhere" (a mean ratio >= 1 in some cell)."""
-    if not cells:
-        return "no data"
+    or "loses somewhere" (a mean ratio >= 1 in some cell); "incomplete" while
+    a cell is missing or has fewer than :data:`MIN_DRAWS` draws.
+
+    :param expected_cells: cells a complete row has (default: every
+        calibration source times every evaluation text)
+    """
+    expected = expected_cells or len(CALIBRATION_SOURCES) * len(EVALUATION_TEXTS)
+    if len(cells) < expected or min(cell["draws"] for cell in cells.values()) < MIN_DRAWS:
+        return "incomplete"
     means = [cell["ratio"][0] for cell in cells.values()]
     clearly = sum(m + CLEARLY_BELOW * cell["ratio"][1] < 1.0
                   for m, cell in zip(means, cells.values()))
@@ -155,7 +162,14 @@ def ratio_table(rows: list[tuple[str, dict[tuple[str, str], dict[str, Any]]]],
     header = "| method | " + " | ".join(f"{s} -> {t}" for s, t in cells) + " | verdict |"
     lines = [header, "|---" * (len(cells) + 2) + "|"]
     for label, result in rows:
-        values = [f"{result[c]['ratio'][0]:.3f} ± {result[c]['ratio'][1]:.3f}" if c in result else "-"
-                  for c in cells]
-        lines.append(f"| {label} | " + " | ".join(values) + f" | {verdict(result)} |")
+        values = [_cell_text(result[c]) if c in result else "-" for c in cells]
+        lines.append(f"| {label} | " + " | ".join(values) + f" | {verdict(result, len(cells))} |")
     return lines
+
+
+def _cell_text(cell: dict[str, Any]) -> str:
+    """"mean ± s.e." of a cell's ratio, or "mean (1 draw)" where no error exists."""
+    mean, error = cell["ratio"]
+    if cell["draws"] < 2:
+        return f"{mean:.3f} (1 draw)"
+    return f"{mean:.3f} ± {error:.3f}" + ("" if cell["draws"] >= MIN_DRAWS else f" ({cell['draws']} draws)")

@@ -47,8 +47,11 @@ def test_ratios_are_paired_per_draw_and_judged_by_the_fixed_rule():
     helps = paired_ratios(_runs({"austen": [0.9, 0.91, 0.89], "python-docs": [0.95, 0.94, 0.96]}), mine, ["a"])
     assert helps[("austen", "a")]["ratio"][0] == pytest.approx(0.9)
     assert helps[("austen", "a")]["draws"] == 3
-    assert verdict(helps) == "helps"
+    assert verdict(helps, 2) == "helps"
+    assert verdict(helps) == "incomplete"  # 2 of the 6 cells of both sources x 3 texts
     noisy = paired_ratios(_runs({"austen": [0.7, 1.2, 0.9], "python-docs": [0.6, 1.3, 0.95]}), mine, ["a"])
-    assert verdict(noisy) == "mixed"
+    assert verdict(noisy, 2) == "mixed"
     loses = paired_ratios(_runs({"austen": [0.9, 0.9, 0.9], "python-docs": [1.01, 1.0, 1.02]}), mine, ["a"])
-    assert verdict(loses) == "loses somewhere"
+    assert verdict(loses, 2) == "loses somewhere"
+    one_draw = paired_ratios(_runs({"austen": [0.5], "python-docs": [0.5]}), mine, ["a"])
+    assert verdict(one_draw, 2) == "incomplete"  # no verdict from a single draw
