@@ -4,14 +4,13 @@ an ADMM search, never worse than the sweep on the objective it minimises."""
 import pytest
 import torch
 from pydantic import ValidationError
-from transformers import AutoModelForCausalLM
 
 from llmcompressor.modifiers.pruning import SparseGPTModifier
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
 
 from moonshot_plugins import MoonshotSparseGPTModifier
 from moonshot_plugins.llmcompressor.weight_update import LayerSnapshot, damped_hessian, updated_weight
-from moonshot_plugins.lm import calibration_loader, run_oneshot
+from tests.test_modifiers import linear_weights, loader, prune  # noqa: F401 (loader: the shared fixture)
 
 COMMON = dict(sparsity=0.5, mask_structure="2:4", ignore=["re:.*lm_head"])
 
@@ -59,16 +58,8 @@ def test_damped_hessian_matches_sparsegpt_conditioning():
     assert h[1, 1] == 0  # the snapshot is not changed
 
 
-@pytest.fixture(scope="module")
-def loader():
-    torch.manual_seed(0)
-    return calibration_loader(torch.randint(4, 60, (400,)), num_samples=6, seq_len=24)
-
-
 def _prune(model_dir, modifier, loader):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    pruned = run_oneshot(model, [modifier], loader, shuffle_calibration_samples=False)
-    return {k: v.detach().clone() for k, v in pruned.state_dict().items() if k.endswith("proj.weight")}
+    return linear_weights(prune(model_dir, modifier, loader))
 
 
 def test_resolve_keeps_the_host_mask_and_admm_keeps_2_of_4(tiny_llama_dir, loader):
