@@ -245,12 +245,26 @@ class _PeakAnonymousMemory:
         self.peak_mb = max(self.peak_mb, self._now())
 
 
+def prune(model, run: dict[str, Any], loader):
+    """The pruned model of one run (``method`` dense, magnitude, host or moonshot)."""
+    from moonshot_plugins.cli import make_modifier
+    from moonshot_plugins.lm import run_oneshot
+
+    if run["method"] == "magnitude":
+        _magnitude(model, _structure(run["sparsity"]))
+    elif run["method"] in ("host", "moonshot"):
+        lam = run["lam"] if run["method"] == "moonshot" else None
+        extra = {"fisher_mode": run["fisher_mode"], **run.get("options", {})} if lam is not None else {}
+        recipe = [make_modifier(run["host"], _structure(run["sparsity"]), lam, **extra)]
+        model = run_oneshot(model, recipe, loader, shuffle_calibration_samples=False)
+    return model
+
+
 def run_one(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moonshot_plugins.cli import make_modifier
-    from moonshot_plugins.lm import perplexity, run_oneshot
+    from moonshot_plugins.lm import perplexity
 
     torch.manual_seed(0)
     model_dir, loader, evals = _data(settings, run)
@@ -258,13 +272,7 @@ def run_one(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     with _PeakAnonymousMemory() as anonymous:
-        if run["method"] == "magnitude":
-            _magnitude(model, _structure(run["sparsity"]))
-        elif run["method"] in ("host", "moonshot"):
-            lam = run["lam"] if run["method"] == "moonshot" else None
-            extra = {"fisher_mode": run["fisher_mode"], **run.get("options", {})} if lam is not None else {}
-            recipe = [make_modifier(run["host"], _structure(run["sparsity"]), lam, **extra)]
-            model = run_oneshot(model, recipe, loader, shuffle_calibration_samples=False)
+        model = prune(model, run, loader)
     seconds = time.perf_counter() - start
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
