@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prune_one:
         prune_and_save(json.loads(args.prune_one))
         return 0
-    plan = [r for r in make_plan("solver", (args.sparsity,), updates=("resolve",))]
+    plan = make_plan("solver", (args.sparsity,), ("sparsegpt",), ("resolve",))
     runs = [r for r in over_draws(plan, (args.calib_source,), args.draw + 1) if r["draw"] == args.draw]
     labels = [_label(r) for r in runs]
     for label, run in zip(labels, runs):

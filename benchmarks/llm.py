@@ -52,6 +52,7 @@ def _run(method: str, sparsity: str, host: str | None = None, lam: float | str |
 RUN_KEYS = ("method", "sparsity", "host", "lam", "fisher_mode", "options", "calib_source", "draw")
 PLANS = ("all", "2of4", "unstructured", "core", "sweep", "heldout", "cost", "defaults", "solver")
 WEIGHT_UPDATES = ("resolve", "admm")
+HOST_WEIGHT_UPDATES = {"sparsegpt": ("resolve", "admm"), "wanda": ("resolve",)}  # Wanda's ADMM: none
 EVAL_SETS = ("test", "heldout")
 
 
@@ -69,18 +70,18 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     evaluation text. ``cost`` reruns each host next to MOONSHOT at its
     defaults (time, peak RSS, peak anonymous memory; use its own ``--output``).
     ``defaults`` is the same pairs for quality under the protocol; ``solver``
-    adds, for SparseGPT, each new ``weight_update`` at lam 0 (the solver's
-    gain alone) and at the default lam (solver + Taylor term).
+    adds each new ``weight_update`` the host has at lam 0 (the solver's gain
+    alone) and at the default lam (solver + Taylor term).
     ``sparsities`` / ``hosts`` restrict any plan, ``updates`` the solver plan; :func:`over_draws` repeats
     each run over calibration sources and draws.
     """
     if plan not in PLANS:
         raise SystemExit(f"--plan must be one of {', '.join(PLANS)}; got {plan!r}")
     if plan == "solver":
-        return [run for sp in sparsities for run in (
-            _run("host", sp, "sparsegpt"), _moonshot(sp, "sparsegpt", default_settings("sparsegpt", sp)[0]),
-            *(_moonshot(sp, "sparsegpt", lam, weight_update=update) for update in updates
-              for lam in (0.0, default_settings("sparsegpt", sp)[0])))]
+        return [run for sp in sparsities for host in hosts for run in (
+            _run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]),
+            *(_moonshot(sp, host, lam, weight_update=update) for update in updates
+              if update in HOST_WEIGHT_UPDATES[host] for lam in (0.0, default_settings(host, sp)[0])))]
     if plan in ("cost", "defaults"):  # adjacent pairs: the host, then MOONSHOT at its defaults
         return [run for sp in sparsities for host in hosts
                 for run in (_run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]))]

@@ -55,3 +55,14 @@ def test_ratios_are_paired_per_draw_and_judged_by_the_fixed_rule():
     assert verdict(loses, 2) == "loses somewhere"
     one_draw = paired_ratios(_runs({"austen": [0.5], "python-docs": [0.5]}), mine, ["a"])
     assert verdict(one_draw, 2) == "incomplete"  # no verdict from a single draw
+
+
+def test_solver_plan_pairs_each_host_with_its_own_weight_updates():
+    from benchmarks.llm import make_plan
+
+    plan = make_plan("solver", ("2:4",), ("sparsegpt", "wanda"), ("resolve", "admm"))
+    updates = {(r["host"], r["lam"], r.get("options", {}).get("weight_update")) for r in plan}
+    assert ("wanda", 0.0, "resolve") in updates and ("sparsegpt", 0.0, "admm") in updates
+    assert not any(host == "wanda" and update == "admm" for host, _, update in updates)
+    for host in ("sparsegpt", "wanda"):  # the host run first, so every method has its pair
+        assert [r["method"] for r in plan if r["host"] == host][0] == "host"
