@@ -431,7 +431,28 @@ def protocol_tables(runs: list[dict[str, Any]], texts: tuple[str, ...]) -> list[
         configs = dict.fromkeys(_config(r) for r in setting if r["method"] not in ("host", "dense"))
         rows = [(_label(json.loads(c)), paired_ratios(setting, lambda r, c=c: _config(r) == c, texts)) for c in configs]
         lines += [f"\n{sparsity} {host}: ratio to the host, mean ± s.e. over draws", *ratio_table(rows, texts)]
+        lines += _taylor_gain_table(setting, configs, texts, f"{sparsity} {host}")
     return lines
+
+
+def _taylor_gain_table(setting: list[dict[str, Any]], configs, texts: tuple[str, ...], name: str) -> list[str]:
+    """What the Taylor term adds at equal solver: each weight update at its
+    default lam paired with the same update at lam 0, draw by draw."""
+    rows = []
+    for config in configs:
+        mine = json.loads(config)
+        if mine["lam"] == 0.0 or "weight_update" not in mine.get("options", {}):
+            continue
+        plain = _config({**mine, "lam": 0.0})
+        if plain not in configs:
+            continue
+        cells = paired_ratios(setting, lambda r, c=config: _config(r) == c, texts,
+                              baseline=lambda r, c=plain: _config(r) == c)
+        rows.append((f"weight_update={mine['options']['weight_update']}: lam={mine['lam']} / lam=0", cells))
+    if not rows:
+        return []
+    return [f"\n{name}: the Taylor term at equal solver (ratio to the same weight update at lam 0)",
+            *ratio_table(rows, texts)]
 
 
 def _config(run: dict[str, Any]) -> str:

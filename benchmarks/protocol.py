@@ -106,16 +106,23 @@ def mean_and_error(values: Iterable[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / len(values))
 
 
-def paired_ratios(runs: list[dict[str, Any]], method: Callable[[dict], bool],
-                  texts: Iterable[str] = EVALUATION_TEXTS) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per (calibration source, evaluation text) cell: the method's perplexity
-    ratio to the host run of the same setting, source and draw.
+def is_host(run: dict[str, Any]) -> bool:
+    return run["method"] == "host"
 
-    ``runs`` hold one setting and host (sparsity, host); ``method`` selects the
-    runs to compare. Returns cell -> {"ratio": (mean, s.e.), "ppl": (mean,
-    s.e.), "host_ppl": (mean, s.e.), "draws": n}; cells with no pair are absent.
+
+def paired_ratios(runs: list[dict[str, Any]], method: Callable[[dict], bool],
+                  texts: Iterable[str] = EVALUATION_TEXTS,
+                  baseline: Callable[[dict], bool] = is_host) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (calibration source, evaluation text) cell: the method's perplexity
+    ratio to the baseline run (default: the host) of the same setting, source
+    and draw.
+
+    ``runs`` hold one setting and host (sparsity, host); ``method`` and
+    ``baseline`` select the runs to compare. Returns cell -> {"ratio": (mean,
+    s.e.), "ppl": (mean, s.e.), "host_ppl": (mean, s.e.) of the baseline,
+    "draws": n}; cells with no pair are absent.
     """
-    hosts = {(r["calib_source"], r["draw"]): r for r in runs if r["method"] == "host"}
+    hosts = {(r["calib_source"], r["draw"]): r for r in runs if baseline(r)}
     cells = {}
     for source in CALIBRATION_SOURCES:
         mine = [r for r in runs if r["calib_source"] == source and method(r)

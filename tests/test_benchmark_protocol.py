@@ -66,3 +66,11 @@ def test_solver_plan_pairs_each_host_with_its_own_weight_updates():
     assert not any(host == "wanda" and update == "admm" for host, _, update in updates)
     for host in ("sparsegpt", "wanda"):  # the host run first, so every method has its pair
         assert [r["method"] for r in plan if r["host"] == host][0] == "host"
+
+
+def test_ratios_pair_with_any_baseline_of_the_same_draw():
+    runs = _runs({"austen": [0.8, 0.9, 1.0], "python-docs": [0.8, 0.9, 1.0]})
+    runs += [{**r, "method": "other", "ppl_a": r["ppl_a"] * 2} for r in runs if r["method"] == "moonshot"]
+    cells = paired_ratios(runs, lambda r: r["method"] == "other", ["a"], baseline=lambda r: r["method"] == "moonshot")
+    assert cells[("austen", "a")]["ratio"] == pytest.approx((2.0, 0.0))
+    assert cells[("austen", "a")]["host_ppl"][0] == pytest.approx(sum((100.0 + d) * x for d, x in enumerate([0.8, 0.9, 1.0])) / 3)
