@@ -20,6 +20,8 @@ from tests.tiny_models import TINY_TEXTS
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 LLM_COMPRESSOR_BLOCK = "from llmcompressor import oneshot"
 TORCH_PRUNING_BLOCK = "MoonshotImportance("
+VISION_BLOCK = "moonshot_prune("
+MARKERS = (LLM_COMPRESSOR_BLOCK, TORCH_PRUNING_BLOCK, VISION_BLOCK)
 
 
 def python_blocks() -> list[str]:
@@ -44,8 +46,8 @@ def run_block(block: str, placeholders: dict[str, str], names: dict[str, Any]) -
 
 def test_every_python_block_is_run_here():
     blocks = python_blocks()
-    assert len(blocks) == 2
-    assert [sum(marker in b for marker in (LLM_COMPRESSOR_BLOCK, TORCH_PRUNING_BLOCK)) for b in blocks] == [1, 1]
+    assert len(blocks) == len(MARKERS)
+    assert [sum(marker in b for marker in MARKERS) for b in blocks] == [1] * len(MARKERS)
 
 
 def test_llm_compressor_example_saves_a_2of4_checkpoint(tiny_llama_dir, tmp_path, monkeypatch):
@@ -72,3 +74,17 @@ def test_torch_pruning_example_prunes_and_takes_a_training_step():
     assert model.get_classifier().out_features == 10
     assert len(optimizer.state) > 0  # the fine-tuning step ran (momentum buffers exist)
     assert model(train_loader[0][0]).shape == (4, 10)
+
+
+def test_vision_example_prunes_every_layer_and_recalibrates_batchnorm():
+    g = torch.Generator().manual_seed(0)
+    calib_loader = [(torch.randn(4, 3, 64, 64, generator=g), torch.randint(0, 10, (4,), generator=g))]
+    torch.manual_seed(0)
+    # the README's resnet18 becomes timm's 0.4M-parameter test_resnet (same
+    # layer names) so that the example runs in seconds
+    namespace = run_block(readme_block(VISION_BLOCK), {'"resnet18"': '"test_resnet"'}, {"calib_loader": calib_loader})
+    model, result = namespace["model"], namespace["result"]
+    assert len(result.sparsity) == 16 and not result.skipped  # 15 Conv2d and the fc head
+    assert all(0.7 <= s < 0.72 for s in result.sparsity.values()), result.sparsity
+    assert model.layer1[0].bn1.num_batches_tracked.item() == 1  # recalibrated on the one batch
+    assert model(calib_loader[0][0]).shape == (4, 10)

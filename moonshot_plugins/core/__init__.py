@@ -68,6 +68,7 @@ from moonshot_plugins.core.losses import (
     causal_lm_sample_losses,
     chunked_causal_lm_sample_losses,
     classification_sample_losses,
+    predicted_label_sample_losses,
 )
 from moonshot_plugins.core.objective import (
     AUTO,
@@ -125,6 +126,7 @@ __all__ = [
     "causal_lm_sample_losses",
     "chunked_causal_lm_sample_losses",
     "classification_sample_losses",
+    "predicted_label_sample_losses",
     "AUTO_DTYPE",
     "GRADIENT_DTYPES",
     "bfloat16_is_native",

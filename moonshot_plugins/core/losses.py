@@ -18,6 +18,7 @@ __all__ = [
     "causal_lm_sample_losses",
     "chunked_causal_lm_sample_losses",
     "classification_sample_losses",
+    "predicted_label_sample_losses",
 ]
 
 
@@ -94,3 +95,17 @@ def classification_sample_losses(model: nn.Module, batch: Any) -> torch.Tensor:
     """Per-sample cross-entropy of a ``(inputs, labels)`` batch: (B,)."""
     inputs, labels = batch[0], batch[1]
     return F.cross_entropy(model(inputs), labels, reduction="none")
+
+
+def predicted_label_sample_losses(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Per-sample cross-entropy against the model's own predicted class: (B,).
+
+    Label-free: the target of each sample is the argmax of the model's logits
+    (detached), so an unlabelled batch of inputs (or ``(inputs, ...)``) is
+    enough. The result is the empirical Fisher of the model's own predictions.
+    (The KL divergence to the dense model's predictions has no such use: the
+    gradient pass runs on the dense model, where that KL and its gradient are 0.)
+    """
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    logits = model(inputs)
+    return F.cross_entropy(logits, logits.detach().argmax(dim=-1), reduction="none")
