@@ -12,6 +12,8 @@ their hosts' state into these tensor functions.
 * :mod:`~moonshot_plugins.core.norm_fisher`: the Fisher of a norm layer's gamma
 * :mod:`~moonshot_plugins.core.losses`: per-sample losses
 * :mod:`~moonshot_plugins.core.gradient_pass`: the forward/backward driver
+* :mod:`~moonshot_plugins.core.blockwise_pass`: the same pass one block on
+  the execution device at a time, for models larger than the accelerator
 * :mod:`~moonshot_plugins.core.finite`: NaN/inf checks that stop a run before
   any weight changes
 * :mod:`~moonshot_plugins.core.objective`: combining reconstruction and Taylor
@@ -45,6 +47,11 @@ from moonshot_plugins.core.curvature import (
     diagonal_fisher_curvature,
     layer_curvature,
     layer_objective,
+)
+from moonshot_plugins.core.blockwise_pass import (
+    blocks_bypassed,
+    first_block_call,
+    run_blockwise_gradient_pass,
 )
 from moonshot_plugins.core.collector import FISHER_MODES, FisherCollector, validate_fisher_mode
 from moonshot_plugins.core.finite import NonFiniteError, check_finite_parameters, describe_non_finite
@@ -115,6 +122,9 @@ __all__ = [
     "frozen_parameters",
     "release_freed_memory",
     "run_gradient_pass",
+    "blocks_bypassed",
+    "first_block_call",
+    "run_blockwise_gradient_pass",
     "has_affine_weight",
     "in_features",
     "is_depthwise_conv",

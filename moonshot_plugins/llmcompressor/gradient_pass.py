@@ -7,25 +7,41 @@ own hooks then read that record when they calibrate and compress the layer.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Iterable
+from functools import partial
+from typing import Any
 
+import psutil
 import torch
+from compressed_tensors.offload import disable_offloading, disable_onloading
+from compressed_tensors.offload.cache import OffloadCache
+from compressed_tensors.utils import patch_attr
 from loguru import logger
 
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.dev import get_main_device
 
-from moonshot_plugins.core import (
-    AUTO,
-    FisherCollector,
-    auto_taylor_weight,
-    resolve_gradient_dtype,
-    run_gradient_pass,
+from moonshot_plugins.core import AUTO, FisherCollector, auto_taylor_weight, resolve_gradient_dtype
+from moonshot_plugins.core.blockwise_pass import (
+    BlockCall,
+    Onload,
+    blocks_bypassed,
+    evaluation_mode,
+    first_block_call,
+    run_blockwise_gradient_pass,
 )
 from moonshot_plugins.llmcompressor.causal_lm import CausalLMLosses
 
-__all__ = ["LayerTaylorStatistics", "collect_layer_statistics", "sampled_fraction"]
+__all__ = [
+    "LayerTaylorStatistics",
+    "collect_layer_statistics",
+    "model_ends",
+    "onloaded",
+    "run_gradient_pass_by_blocks",
+    "sampled_fraction",
+]
 
 
 @dataclass
@@ -67,7 +83,7 @@ def collect_layer_statistics(
     fisher_samples: int | None,
     offload_fisher: bool,
     gradient_dtype: str,
-    checkpoint_modules: list[torch.nn.Module],
+    blocks: list[torch.nn.Module],
     desc: str,
 ) -> tuple[dict[torch.nn.Module, LayerTaylorStatistics], int]:
     """Run the gradient pass over ``dataloader``: one record per layer of ``modules``.
@@ -79,7 +95,8 @@ def collect_layer_statistics(
         per-position Fisher weights, collected for that in any statistic)
     :param gradient_dtype: "auto", "bfloat16" or "float32", resolved on the
         pass's device (:func:`moonshot_plugins.core.resolve_gradient_dtype`)
-    :param checkpoint_modules: blocks run under activation checkpointing
+    :param blocks: the decoder layers (the host's sequential targets), in
+        order: the pass holds one of them on the execution device at a time
     :return: the records, keyed by layer; the number of samples the pass used
     """
     collector = FisherCollector(
@@ -91,16 +108,14 @@ def collect_layer_statistics(
         token_weights=statistic == "token_weights" or taylor_weight == AUTO,
         offload=offload_fisher,
     )
-    used = _run_on_main_device(
+    used = run_gradient_pass_by_blocks(
         model,
         dataloader,
         collector,
+        blocks,
+        gradient_dtype=gradient_dtype,
         max_samples=fisher_samples,
         desc=desc,
-        gradient_dtype=gradient_dtype,
-        # recomputing the decoder blocks' activations keeps the pass's peak
-        # memory near the host's own
-        checkpoint_modules=checkpoint_modules,
     )
     collector.check_finite()
     logger.info(
@@ -119,29 +134,142 @@ def collect_layer_statistics(
     return statistics, used
 
 
-def _run_on_main_device(
-    model: torch.nn.Module, dataloader: Iterable, collector: FisherCollector, gradient_dtype: str,
-    **options,
+def run_gradient_pass_by_blocks(
+    model: torch.nn.Module,
+    dataloader: Iterable,
+    collector: FisherCollector,
+    blocks: Sequence[torch.nn.Module],
+    *,
+    gradient_dtype: str = "float32",
+    max_samples: int | None = None,
+    desc: str = "MOONSHOT gradient pass",
+    onload: Onload | None = None,
 ) -> int:
-    """:func:`run_gradient_pass` with the causal-LM losses and the host's hooks
-    silent. The pass needs the whole model on one device: the accelerator the
-    host will calibrate on when there is one; the model goes back after."""
-    original_device = next(model.parameters()).device
+    """:func:`~moonshot_plugins.core.run_blockwise_gradient_pass` on a causal
+    LM with the host's hooks silent: one of ``blocks`` (the decoder layers, the
+    host's sequential targets) on the host's execution device at a time, as
+    the host's sequential pipeline holds them.
+
+    Works on a model wholly on one device and on one offloaded by
+    compressed-tensors (``load_offloaded_model``, or ``oneshot``'s conversion
+    of an accelerate ``device_map``): the model's placement is unchanged after.
+
+    :param onload: the context that puts one module on the execution device;
+        default :func:`onloaded` (a wrapper can count what it onloads)
+    :return: the number of samples used
+    """
+    if not blocks:
+        raise ValueError(
+            "the model has no sequential targets (its decoder layers): pass "
+            "sequential_targets to oneshot for MOONSHOT's gradient pass"
+        )
     device = get_main_device()
-    if device != original_device:
-        model.to(device)
     autocast_dtype = resolve_gradient_dtype(gradient_dtype, device)
-    logger.info(f"MOONSHOT gradient pass on {device} in {autocast_dtype or torch.float32}")
+    logger.info(f"MOONSHOT gradient pass on {device} in {autocast_dtype or torch.float32}, by block")
     head = getattr(model, "get_output_embeddings", lambda: None)()
     losses = CausalLMLosses(split_head=head is None or head not in collector.modules.values())
+
+    def first_call(batch: dict[str, Any]) -> BlockCall:
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask") if k in batch}
+        return first_block_call(lambda: model(**inputs, use_cache=False), blocks[0])
+
+    def sample_losses(batch: dict[str, Any], output: Any) -> torch.Tensor:
+        with blocks_bypassed(blocks, output):
+            return losses(model, batch)
+
+    with HooksMixin.disable_hooks(), evaluation_mode([model]):
+        return run_blockwise_gradient_pass(
+            blocks,
+            model_ends(model, blocks),
+            dataloader,
+            collector,
+            first_call,
+            sample_losses,
+            onload or partial(onloaded, device=device),
+            device,
+            max_samples=max_samples,
+            desc=desc,
+            autocast_dtype=autocast_dtype,
+            group_bytes=_group_bytes(model, device),
+        )
+
+
+def model_ends(model: torch.nn.Module, blocks: Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The largest submodules of ``model`` that hold no block (embeddings,
+    rotary embedding, final norm, head), in module order."""
+    holding = {id(m) for block in blocks for m in _ancestors(model, block)}
+    in_blocks = {id(block) for block in blocks}
+    ends = []
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        for child in reversed(list(module.children())):
+            if id(child) in holding:
+                stack.append(child)
+            elif id(child) not in in_blocks:
+                ends.append(child)
+    return sorted(ends, key=list(model.modules()).index)
+
+
+def _ancestors(model: torch.nn.Module, block: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules on the path from ``model`` down to ``block``, both excluded."""
+    for name, module in model.named_modules():
+        if module is block:
+            parts = name.split(".")[:-1]
+            return [model.get_submodule(".".join(parts[: i + 1])) for i in range(len(parts))]
+    raise ValueError(f"{type(block).__name__} is not a submodule of the model")
+
+
+@contextmanager
+def onloaded(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """``module`` on ``device`` while inside. A submodule offloaded by
+    compressed-tensors onloads each tensor on first access and keeps it until
+    exit (its ``disable_offloading``, as the host's sequential pipeline runs a
+    layer); any other submodule's tensors are moved to ``device`` and back."""
+    with ExitStack() as stack:
+        for submodule in module.modules():
+            if isinstance(submodule._parameters, OffloadCache):
+                stack.enter_context(disable_offloading())
+                stack.enter_context(patch_attr(submodule._parameters, "onload_device", device))
+                stack.enter_context(patch_attr(submodule._buffers, "onload_device", device))
+            else:
+                stack.enter_context(_moved(submodule, device))
+        yield
+
+
+@contextmanager
+def _moved(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """``module``'s own parameters and buffers on ``device`` while inside (the
+    parameter objects stay the same, as ``Module.to`` keeps them)."""
+    moved = []
+    for store in (module._parameters, module._buffers):
+        for name, tensor in store.items():
+            if tensor is not None and tensor.device != device:
+                moved.append((store, name, tensor.device))
+                _move(store, name, device)
     try:
-        with HooksMixin.disable_hooks():
-            return run_gradient_pass(
-                model, dataloader, collector, losses, autocast_dtype=autocast_dtype, **options
-            )
+        yield
     finally:
-        if device != original_device:
-            model.to(original_device)
+        for store, name, home in moved:
+            _move(store, name, home)
+
+
+def _move(store: dict, name: str, device: torch.device) -> None:
+    tensor = store[name]
+    if isinstance(tensor, torch.nn.Parameter):
+        tensor.data = tensor.data.to(device)
+    else:
+        store[name] = tensor.to(device)
+
+
+def _group_bytes(model: torch.nn.Module, device: torch.device) -> int:
+    """CPU bytes of boundary activations per group of batches: a quarter of the
+    free RAM when blocks travel to ``device`` (fewer trips), else 0 (one batch)."""
+    with disable_onloading():  # where the tensors live, without onloading them
+        home = next(model.parameters()).device
+    if home == device:
+        return 0
+    return psutil.virtual_memory().available // 4
 
 
 def _layer_statistics(

@@ -256,7 +256,7 @@ class MoonshotModifierMixin(BaseModel):
             fisher_samples=self.fisher_samples,
             offload_fisher=self.offload_fisher,
             gradient_dtype=self.gradient_dtype,
-            checkpoint_modules=[
+            blocks=[
                 block for _, block in match_named_modules(model, self._sequential_targets)
             ],
             desc=f"{type(self).__name__} gradient pass",

@@ -1,0 +1,162 @@
+"""Peak memory of the gradient pass against model depth (random-init Llama).
+
+    python -m benchmarks.gradient_pass_memory
+
+For 8, 16 and 32 decoder layers (small widths, so it runs in minutes on a
+CPU) and three ways of running the pass, each in its own child process:
+
+* ``whole-model``: the whole-model pass (``core.run_gradient_pass``, decoder
+  layers under activation checkpointing), the model in memory;
+* ``blockwise``: the blockwise pass, the model in memory;
+* ``blockwise-offloaded``: the blockwise pass on a model loaded offloaded to
+  disk (``compressed_tensors.offload.load_offloaded_model``, as LLM
+  Compressor loads a model bigger than its machine).
+
+Measured: ``onloaded_peak_bytes``, the most parameter and buffer bytes held
+on the execution device at once (the blockwise passes count what their
+onload context holds; the whole-model pass holds the whole model); the
+process's RSS just before the pass and its peak during the pass
+(``rss_peak_bytes``, Linux: the high-water mark is reset first). Results
+go to ``benchmarks/results/<date>-gradient-pass-memory.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEPTHS = (8, 16, 32)
+MODES = ("whole-model", "blockwise", "blockwise-offloaded")
+CONFIG = dict(hidden_size=128, intermediate_size=512, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+              tie_word_embeddings=False)
+SAMPLES, SEQ_LEN = 4, 128
+
+
+def save_model(path: pathlib.Path, depth: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(num_hidden_layers=depth, **CONFIG)).save_pretrained(path)
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM of this process (bytes)."""
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _rss_bytes() -> int:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def measure(model_dir: pathlib.Path, mode: str) -> dict[str, Any]:
+    """One pass in this process; its memory figures."""
+    import torch
+    from compressed_tensors.offload import disable_onloading, load_offloaded_model
+    from transformers import AutoModelForCausalLM
+
+    from moonshot_plugins.core import FisherCollector, release_freed_memory, run_gradient_pass
+    from moonshot_plugins.lm import calibration_loader
+    from moonshot_plugins.llmcompressor.causal_lm import CausalLMLosses
+    from moonshot_plugins.llmcompressor.gradient_pass import onloaded, run_gradient_pass_by_blocks
+
+    if mode == "blockwise-offloaded":
+        offload_dir = tempfile.mkdtemp()
+        with load_offloaded_model():
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=torch.float32, device_map="auto",
+                max_memory={"cpu": 10_000}, offload_folder=offload_dir,
+            )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with disable_onloading():  # sizes without onloading anything
+        sizes = {
+            id(m): sum(t.nbytes for t in [*m.parameters(), *m.buffers()]) for m in model.modules()
+        }
+    torch.manual_seed(0)
+    loader = calibration_loader(torch.randint(0, CONFIG["vocab_size"], (SAMPLES * SEQ_LEN,)),
+                                num_samples=SAMPLES, seq_len=SEQ_LEN)
+    layers = list(model.model.layers)
+    collector = FisherCollector(
+        {n: m for n, m in model.named_modules() if n.endswith("proj")},
+        matrix=False, token_weights=True,
+    )
+    held, peak = [0], [0]
+
+    @contextlib.contextmanager
+    def counting(module):
+        held[0] += sizes[id(module)]
+        peak[0] = max(peak[0], held[0])
+        with onloaded(module, torch.device("cpu")):
+            yield
+        held[0] -= sizes[id(module)]
+
+    release_freed_memory()
+    rss_before = _rss_bytes()
+    pathlib.Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+    start = time.perf_counter()
+    if mode == "whole-model":
+        run_gradient_pass(model, loader, collector, CausalLMLosses(), checkpoint_modules=layers)
+        peak[0] = sizes[id(model)]
+    else:
+        run_gradient_pass_by_blocks(model, loader, collector, layers, onload=counting)
+    return {
+        "depth": len(layers),
+        "mode": mode,
+        "model_bytes": sizes[id(model)],
+        "block_bytes": sizes[id(layers[0])],
+        "onloaded_peak_bytes": peak[0],
+        "rss_before_pass_bytes": rss_before,
+        "rss_peak_bytes": _peak_rss_bytes(),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--one", nargs=2, metavar=("MODEL_DIR", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(pathlib.Path(args.one[0]), args.one[1])))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for depth in DEPTHS:
+            model_dir = pathlib.Path(tmp) / f"llama-{depth}"
+            save_model(model_dir, depth)
+            for mode in MODES:
+                out = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.gradient_pass_memory", "--one", str(model_dir), mode],
+                    cwd=ROOT, capture_output=True, text=True, check=True,
+                ).stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]))
+                print(rows[-1], flush=True)
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": "cpu, 2 cores shared (execution device = cpu: onloading is counted, not copied)",
+        "config": CONFIG | {"samples": SAMPLES, "seq_len": SEQ_LEN, "dtype": "float32"},
+        "rows": rows,
+    }
+    path = ROOT / "benchmarks" / "results" / f"{result['date']}-gradient-pass-memory.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
