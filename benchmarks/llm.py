@@ -180,12 +180,7 @@ def _data(settings: dict[str, Any], run: dict[str, Any]):
     loader = None
     if "calib_source" in run:
         loader = draw_loader(ids[run["calib_source"]], settings["calib_samples"], settings["seq_len"], run["draw"])
-    # protocol runs (calibration draws) also score the held-out texts: defaults
-    # are chosen on those, from the same runs, never on the evaluation texts
-    if settings.get("eval_set") == "heldout":
-        names = HELDOUT_TEXTS
-    else:
-        names = EVALUATION_TEXTS + (HELDOUT_TEXTS if "calib_source" in run else ())
+    names = HELDOUT_TEXTS if settings.get("eval_set") == "heldout" else EVALUATION_TEXTS
     evals = {k: ids[k][: settings["eval_tokens"]] for k in names}
     return model_dir, loader, evals
 
@@ -381,11 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_cost_pairs(doc["runs"])
         return 0
     texts = HELDOUT_TEXTS if args.eval_set == "heldout" else EVALUATION_TEXTS
-    tables = protocol_tables(doc["runs"], texts)
+    tables = protocol_tables(doc["runs"], texts)  # held-out tables: for choosing defaults only
     print("\n".join(tables))
-    if args.eval_set == "test":
-        print("\nHeld-out texts (for choosing defaults only, never reported as results):")
-        print("\n".join(protocol_tables(doc["runs"], HELDOUT_TEXTS)))
     if args.eval_set == "test" and args.plan in ("defaults", "solver"):
         write_protocol_block(doc, output, tables)
     return 0

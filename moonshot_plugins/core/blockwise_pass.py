@@ -37,9 +37,9 @@ from tqdm.auto import tqdm
 
 from moonshot_plugins.core.collector import FisherCollector
 from moonshot_plugins.core.gradient_pass import (
-    _batch_size,
-    _check_losses,
-    _truncate,
+    batch_size_of,
+    check_losses,
+    truncate_batch,
     frozen_parameters,
     release_freed_memory,
 )
@@ -288,9 +288,9 @@ def _groups(
     for batch in batches:
         if max_samples is not None and used >= max_samples:
             break
-        size = _batch_size(batch)
+        size = batch_size_of(batch)
         if max_samples is not None and used + size > max_samples:
-            batch, size = _truncate(batch, max_samples - used), max_samples - used
+            batch, size = truncate_batch(batch, max_samples - used), max_samples - used
         with _onloaded(ends, onload), torch.no_grad():
             (hidden, *args), kwargs = first_call(batch)
         memo: dict[int, Any] = {}
@@ -338,7 +338,7 @@ def _tail(
             if item.output_rest is not None:
                 output = (hidden, *_send(item.output_rest, device, {}))
             losses = sample_losses(item.batch, output)
-            _check_losses(losses, first_sample=item.first_sample)
+            check_losses(losses, first_sample=item.first_sample)
             losses.sum().backward()
             del losses
             item.gradient = hidden.grad.to(HOST)

@@ -40,7 +40,7 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _batch_size(batch: Any) -> int:
+def batch_size_of(batch: Any) -> int:
     """Leading dimension of the first tensor in a tensor, tuple/list or dict batch."""
     if isinstance(batch, torch.Tensor):
         return batch.shape[0]
@@ -141,15 +141,15 @@ def run_gradient_pass(
             autocast,
         ):
             for batch in tqdm(batches, desc=desc, total=total, leave=False):
-                size = _batch_size(batch)
+                size = batch_size_of(batch)
                 if max_samples is not None:
                     if used >= max_samples:
                         break
                     if used + size > max_samples:
-                        batch = _truncate(batch, max_samples - used)
+                        batch = truncate_batch(batch, max_samples - used)
                         size = max_samples - used
                 losses = sample_losses(model, batch)
-                _check_losses(losses, first_sample=used)
+                check_losses(losses, first_sample=used)
                 losses.sum().backward()
                 del losses
                 release_freed_memory()
@@ -164,7 +164,7 @@ def run_gradient_pass(
     return used
 
 
-def _check_losses(losses: torch.Tensor, first_sample: int) -> None:
+def check_losses(losses: torch.Tensor, first_sample: int) -> None:
     """Raise before ``backward`` when a batch's per-sample losses (B,) cannot
     give gradients: non-finite, or not depending on the model at all.
 
@@ -186,9 +186,9 @@ def _check_losses(losses: torch.Tensor, first_sample: int) -> None:
         )
 
 
-def _truncate(batch: Any, n: int) -> Any:
+def truncate_batch(batch: Any, n: int) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch[:n]
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_truncate(b, n) for b in batch)
+        return type(batch)(truncate_batch(b, n) for b in batch)
     return {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
