@@ -135,3 +135,21 @@ def test_row_objective_weights_cap_heavy_tailed_rows():
     torch.testing.assert_close(low, 0.95 + 0.05 * heavy)
     with pytest.raises(ValueError, match="taylor_weight"):
         row_objective_weights(heavy, 1.5)
+
+
+def test_auto_taylor_weight_from_summed_moments_of_shards_is_the_whole_sets():
+    """Moments of disjoint shards add up (one per process under torchrun): the
+    lam they give is the one of every position at once."""
+    from moonshot_plugins.core import (
+        auto_taylor_weight,
+        auto_taylor_weight_from_moments,
+        token_weight_moments,
+    )
+
+    torch.manual_seed(0)
+    weights = torch.distributions.LogNormal(0.0, 1.5).sample((4000,))
+    summed = token_weight_moments(weights[:1500]) + token_weight_moments(weights[1500:])
+    whole = auto_taylor_weight(weights, 3.0, 2.0)
+    assert 0.0 < whole < 1.0
+    assert auto_taylor_weight_from_moments(summed, 3.0, 2.0) == pytest.approx(whole, rel=1e-12)
+    assert token_weight_moments(weights)[0].item() == 4000.0

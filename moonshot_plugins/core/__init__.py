@@ -80,11 +80,13 @@ from moonshot_plugins.core.losses import (
 from moonshot_plugins.core.objective import (
     AUTO,
     auto_taylor_weight,
+    auto_taylor_weight_from_moments,
     combine_diagonal,
     combine_hessians,
     mean_diagonal,
     row_objective_weights,
     token_objective_weights,
+    token_weight_moments,
     validate_taylor_weight,
 )
 from moonshot_plugins.core.precision import (
@@ -144,11 +146,13 @@ __all__ = [
     "validate_gradient_dtype",
     "AUTO",
     "auto_taylor_weight",
+    "auto_taylor_weight_from_moments",
     "combine_diagonal",
     "combine_hessians",
     "mean_diagonal",
     "row_objective_weights",
     "token_objective_weights",
+    "token_weight_moments",
     "validate_taylor_weight",
     "moonshot_wanda_scores",
     "row_wise_mask",

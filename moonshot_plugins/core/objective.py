@@ -21,6 +21,8 @@ __all__ = [
     "combine_diagonal",
     "token_objective_weights",
     "auto_taylor_weight",
+    "auto_taylor_weight_from_moments",
+    "token_weight_moments",
     "AUTO",
 ]
 
@@ -143,6 +145,17 @@ def token_objective_weights(
     return (1.0 - lam) + (lam * scale / fisher_fraction) * token_weights.float()
 
 
+def token_weight_moments(token_weights: torch.Tensor) -> torch.Tensor:
+    """(count, sum, sum of squares) of per-position weights, (3,) fp64: what
+    :func:`auto_taylor_weight_from_moments` reads. Moments of disjoint sets of
+    positions (e.g. calibration shards on several processes) add up.
+
+    :param token_weights: w_t, any shape
+    """
+    w = token_weights.double().flatten()
+    return torch.stack([torch.tensor(float(w.numel()), dtype=torch.float64), w.sum(), w.square().sum()])
+
+
 def auto_taylor_weight(
     token_weights: torch.Tensor,
     energy: float,
@@ -168,13 +181,31 @@ def auto_taylor_weight(
     :param min_effective_fraction: tau in (0, 1]
     :return: lam in [0, 1]
     """
+    return auto_taylor_weight_from_moments(
+        token_weight_moments(token_weights), energy, weighted_energy, min_effective_fraction
+    )
+
+
+def auto_taylor_weight_from_moments(
+    moments: torch.Tensor,
+    energy: float,
+    weighted_energy: float,
+    min_effective_fraction: float = 0.5,
+) -> float:
+    """:func:`auto_taylor_weight` from the weights' :func:`token_weight_moments`
+    (count, sum, sum of squares) instead of the weights themselves.
+
+    :param moments: (3,) fp64, summed over every calibration position of the layer
+    """
     if not 0.0 < min_effective_fraction <= 1.0:
         raise ValueError(f"min_effective_fraction must be in (0, 1], got {min_effective_fraction}")
     if weighted_energy <= 0:
         return 0.0  # no gradient reached the layer: reconstruction only
-    r = token_weights.double().flatten() * (energy / weighted_energy)
-    m = r.mean().item() - 1.0
-    v = r.var(unbiased=False).item()
+    count, total, total_sq = moments.double().tolist()
+    scale = energy / weighted_energy  # r_t = scale * w_t
+    mean = total / count
+    m = scale * mean - 1.0
+    v = max(0.0, scale * scale * (total_sq / count - mean * mean))
     k = ((1.0 - min_effective_fraction) / min_effective_fraction) ** 0.5
     slope = v**0.5 - k * m
     return 1.0 if slope <= k else k / slope

@@ -16,7 +16,9 @@ lifecycle:
 - ``gradient_pass.py``: the pass and its per-layer record, ``LayerTaylorStatistics``;
 - ``token_reweighting.py``: SparseGPT's token mode (inputs reweighted, samples matched);
 - ``row_weights.py``: SparseGPT's per-row objective weights;
-- ``causal_lm.py``: the per-sample causal-LM losses the pass differentiates.
+- ``causal_lm.py``: the per-sample causal-LM losses the pass differentiates;
+- ``distributed.py``: under ``torchrun``, the reductions across ranks, the
+  layers spread over the ranks, and the checks that the ranks agree.
 """
 
 from llmcompressor.modifiers.factory import ModifierFactory

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -20,6 +21,16 @@ from moonshot_plugins.core import (
     validate_fisher_mode,
     validate_gradient_dtype,
     validate_taylor_weight,
+)
+from moonshot_plugins.llmcompressor.distributed import (
+    broadcast_weights,
+    calibration_sample_digests,
+    check_ranks_agree,
+    global_sampled_fraction,
+    is_distributed,
+    raised_on_every_rank,
+    reduce_layer_statistics,
+    reduce_to_owners,
 )
 from moonshot_plugins.llmcompressor.gradient_pass import (
     LayerTaylorStatistics,
@@ -185,14 +196,46 @@ class MoonshotModifierMixin(BaseModel):
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         """The host's initialization, the checks of the model and the data,
-        then the gradient pass (unless lam == 0). Nothing here changes a weight."""
-        target_layers = len(dict(match_named_modules(state.model, self.targets)))
-        check_sparsity_list(self.sparsity, target_layers, self.targets)  # before the host's own, vaguer check
-        initialized = super().on_initialize(state, **kwargs)
-        self._check_model_and_data(state.model, state.data.calib)
+        then the gradient pass (unless lam == 0). Nothing here changes a weight.
+        Under torchrun the ranks' recipes and shards are checked first and the
+        statistics reduced after (:mod:`~moonshot_plugins.llmcompressor.distributed`)."""
+        self._check_ranks(state.data.calib)
+        with raised_on_every_rank(f"{type(self).__name__} initialization"):
+            target_layers = len(dict(match_named_modules(state.model, self.targets)))
+            check_sparsity_list(self.sparsity, target_layers, self.targets)  # before the host's own, vaguer check
+            initialized = super().on_initialize(state, **kwargs)
+            self._check_model_and_data(state.model, state.data.calib)
         if self.taylor_weight != 0.0:  # a number > 0 or "auto"
             self._collect_layer_statistics(state.model, state.data.calib)
         return initialized
+
+    def _check_ranks(self, dataloader) -> None:
+        """Under torchrun: the same recipe and one calibration set split across
+        the ranks (:func:`check_ranks_agree`), and a lam rule every rank can
+        follow; raised on every rank."""
+        if not is_distributed():
+            return
+        with raised_on_every_rank("reading the calibration data"):
+            samples = calibration_sample_digests(dataloader)
+        check_ranks_agree(type(self).__name__, self.model_dump(), samples)
+        if self.taylor_weight == AUTO and self._fisher_statistic() != "token_weights":
+            raise ValueError(
+                f"{type(self).__name__} taylor_weight='auto' is not supported under torchrun: "
+                "its per-layer rule reads every rank's per-position Fisher weights, which the "
+                f"{self._fisher_statistic()!r} statistic does not keep; give a number in [0, 1]"
+            )
+
+    @contextlib.contextmanager
+    def _compressed_across_ranks(self, *host_statistics: dict[torch.nn.Module, torch.Tensor]):
+        """Around a host's ``compress_modules``: under torchrun each calibrated
+        layer is compressed on one rank, from the host statistics of all
+        ranks, and its weight then sent to every rank; the block sees only the
+        layers of its own rank (:func:`reduce_to_owners`, :func:`broadcast_weights`)."""
+        owners = reduce_to_owners(self._num_samples, host_statistics, [self._layer_statistics])
+        with raised_on_every_rank(f"{type(self).__name__} compression"):
+            yield
+        if owners:
+            broadcast_weights(owners)
 
     def _check_model_and_data(self, model: torch.nn.Module, dataloader) -> None:
         """Raise, naming what is wrong, before any weight changes: no layer
@@ -246,20 +289,24 @@ class MoonshotModifierMixin(BaseModel):
                 "(pass `dataset=` to oneshot) for its gradient pass"
             )
         statistic = self._fisher_statistic()
-        self._layer_statistics, used = collect_layer_statistics(
-            model,
-            dataloader,
-            self._moonshot_modules(),
-            statistic=statistic,
-            taylor_weight=self.taylor_weight,
-            fisher_mode=self.fisher_mode,
-            fisher_samples=self.fisher_samples,
-            offload_fisher=self.offload_fisher,
-            gradient_dtype=self.gradient_dtype,
-            blocks=[
-                block for _, block in match_named_modules(model, self._sequential_targets)
-            ],
-            desc=f"{type(self).__name__} gradient pass",
-        )
+        with raised_on_every_rank(f"{type(self).__name__} gradient pass"):
+            self._layer_statistics, used = collect_layer_statistics(
+                model,
+                dataloader,
+                self._moonshot_modules(),
+                statistic=statistic,
+                taylor_weight=self.taylor_weight,
+                fisher_mode=self.fisher_mode,
+                fisher_samples=self.fisher_samples,
+                offload_fisher=self.offload_fisher,
+                gradient_dtype=self.gradient_dtype,
+                blocks=[
+                    block for _, block in match_named_modules(model, self._sequential_targets)
+                ],
+                desc=f"{type(self).__name__} gradient pass",
+            )
+        reduce_layer_statistics(self._layer_statistics, used, self.taylor_weight)
         if statistic == "token_weights":
-            self._token_reweighting = TokenReweighting(sampled_fraction(dataloader, used))
+            self._token_reweighting = TokenReweighting(
+                global_sampled_fraction(sampled_fraction(dataloader, used), used)
+            )

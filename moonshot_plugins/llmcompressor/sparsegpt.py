@@ -154,25 +154,28 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
         """The host's solver on every calibrated layer; in sample mode this is
         where the Hessian changes: it becomes ``combine_hessians(H, F, lam)``
         first. With ``row_weights``, rows are scaled by sqrt(m_i) around the
-        solver; ``weight_update`` then replaces the sweep's weights."""
-        self._check_finite_host_statistics(self._hessians, "Hessian")
-        row_roots = self._scale_rows() if self.row_weights else {}
-        for module in list(self._num_samples):
-            statistics = self._layer_statistics.pop(module, None)  # done with this layer
-            if statistics is None or statistics.fisher is None:
-                continue
-            with self._maybe_onload_hessian(module):
-                self._hessians[module] = combine_hessians(
-                    self._hessians[module], statistics.fisher, statistics.taylor_weight
-                )
-        snapshots = self._snapshot_layers() if self.weight_update != "host" else {}
-        super().compress_modules()
-        self._update_weights(snapshots)
-        unscale_rows(row_roots)
-        # After the gradient pass the allocator keeps each layer's freed buffers
-        # in a fragmented heap: without this, anonymous memory grew by ~65 MB
-        # per decoder layer (2:4 SmolLM2: peak 2.59 GB vs 1.24 GB with it).
-        release_freed_memory()
+        solver; ``weight_update`` then replaces the sweep's weights. Under
+        torchrun each layer is compressed on one rank from all ranks' Hessians
+        (:meth:`~MoonshotModifierMixin._compressed_across_ranks`)."""
+        with self._compressed_across_ranks(self._hessians):
+            self._check_finite_host_statistics(self._hessians, "Hessian")
+            row_roots = self._scale_rows() if self.row_weights else {}
+            for module in list(self._num_samples):
+                statistics = self._layer_statistics.pop(module, None)  # done with this layer
+                if statistics is None or statistics.fisher is None:
+                    continue
+                with self._maybe_onload_hessian(module):
+                    self._hessians[module] = combine_hessians(
+                        self._hessians[module], statistics.fisher, statistics.taylor_weight
+                    )
+            snapshots = self._snapshot_layers() if self.weight_update != "host" else {}
+            super().compress_modules()
+            self._update_weights(snapshots)
+            unscale_rows(row_roots)
+            # After the gradient pass the allocator keeps each layer's freed buffers
+            # in a fragmented heap: without this, anonymous memory grew by ~65 MB
+            # per decoder layer (2:4 SmolLM2: peak 2.59 GB vs 1.24 GB with it).
+            release_freed_memory()
 
     def _scale_rows(self) -> dict[torch.nn.Module, torch.Tensor]:
         """Scale the rows of the layers about to be pruned by sqrt(m_i); returns

@@ -109,21 +109,25 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
     def compress_modules(self):
         """Prune every calibrated layer on the combined per-weight curvature
         (the host's own ``compress_modules`` when lam == 0 and the update is
-        the host's), then apply ``weight_update``."""
-        self._check_finite_host_statistics(self._row_scalars, "input norms")
-        if self.taylor_weight == 0.0 and self.weight_update == "host":
-            return super().compress_modules()
-        for module in list(self._num_samples):
-            name = self._module_names[module]
-            logger.info(f"Sparsifying {name} using {self._num_samples[module]} samples")
-            statistics = self._layer_statistics.pop(module, None)
-            fisher, lam = (None, 0.0) if statistics is None else (statistics.fisher, statistics.taylor_weight)
-            del statistics  # frees the layer's Fisher record before the scores are built
-            with torch.no_grad(), align_module_device(module), CompressionLogger(module):
-                pruned = self._pruned_weight(module, fisher, lam)
-            update_offload_parameter(module, "weight", pruned)
-            del self._num_samples[module]
-        release_freed_memory()  # as in MoonshotSparseGPTModifier.compress_modules
+        the host's), then apply ``weight_update``. Under torchrun each layer is
+        compressed on one rank from all ranks' input statistics
+        (:meth:`~MoonshotModifierMixin._compressed_across_ranks`)."""
+        grams = [self._grams] if self.weight_update != "host" else []
+        with self._compressed_across_ranks(self._row_scalars, *grams):
+            self._check_finite_host_statistics(self._row_scalars, "input norms")
+            if self.taylor_weight == 0.0 and self.weight_update == "host":
+                return super().compress_modules()
+            for module in list(self._num_samples):
+                name = self._module_names[module]
+                logger.info(f"Sparsifying {name} using {self._num_samples[module]} samples")
+                statistics = self._layer_statistics.pop(module, None)
+                fisher, lam = (None, 0.0) if statistics is None else (statistics.fisher, statistics.taylor_weight)
+                del statistics  # frees the layer's Fisher record before the scores are built
+                with torch.no_grad(), align_module_device(module), CompressionLogger(module):
+                    pruned = self._pruned_weight(module, fisher, lam)
+                update_offload_parameter(module, "weight", pruned)
+                del self._num_samples[module]
+            release_freed_memory()  # as in MoonshotSparseGPTModifier.compress_modules
 
     def _pruned_weight(
         self, module: torch.nn.Module, fisher: torch.Tensor | None, lam: float
