@@ -129,6 +129,12 @@ def run_oneshot(
         model = str(model)  # oneshot only treats str as a path
     if output_dir is None:
         return oneshot(model=model, recipe=recipe, dataset=loader, **oneshot_kwargs)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank would stage and rename its own copy of the directory
+        raise ValueError(
+            "run_oneshot(output_dir=...) writes from one process only; under torchrun call "
+            "llmcompressor.oneshot(..., output_dir=...) directly (its rank 0 saves), see docs/big-models.md"
+        )
     with atomic_directory(output_dir, replace=replace) as staging, _logged_as(staging, output_dir):
         return oneshot(
             model=model, recipe=recipe, dataset=loader, output_dir=str(staging), **oneshot_kwargs

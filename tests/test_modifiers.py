@@ -389,3 +389,11 @@ def test_row_weights_need_token_mode_and_an_unstructured_mask():
         MoonshotSparseGPTModifier(**COMMON, row_weights=True)
     with pytest.raises(ValidationError, match="row_weights=True needs fisher_mode='token' and unstructured"):
         MoonshotSparseGPTModifier(sparsity=0.5, fisher_mode="sample", taylor_weight=0.5, row_weights=True)
+
+
+def test_run_oneshot_refuses_to_write_from_every_rank(tmp_path, monkeypatch):
+    """Under a process group every rank would stage and rename the output directory."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    with pytest.raises(ValueError, match="torchrun"):
+        run_oneshot("unused-model", [], None, output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
