@@ -45,6 +45,7 @@ from moonshot_plugins.core.curvature import (
     diagonal_fisher_curvature,
     layer_curvature,
     layer_objective,
+    row_fisher_curvature,
 )
 from moonshot_plugins.core.collector import FISHER_MODES, FisherCollector, validate_fisher_mode
 from moonshot_plugins.core.finite import NonFiniteError, check_finite_parameters, describe_non_finite
@@ -99,6 +100,7 @@ __all__ = [
     "ObjectiveTerms",
     "layer_curvature",
     "layer_objective",
+    "row_fisher_curvature",
     "SolveResult",
     "batched_pcg",
     "resolve_on_mask",

@@ -46,6 +46,9 @@ class LayerTaylorStatistics:
         in the host's pass (:class:`~moonshot_plugins.llmcompressor.token_reweighting.SampleMatcher`)
     :param row_sensitivities: "token_weights" only: each output row's share of
         the token Fisher, (d_out,), mean 1
+    :param row_factors: with ``row_factors`` only: the per-row Fisher factors U,
+        (d_out, d_in, k), F_j = U_j U_j^T, fp32 on the CPU
+        (:meth:`~moonshot_plugins.core.FisherCollector.pop_row_factors`)
     """
 
     taylor_weight: float
@@ -54,6 +57,7 @@ class LayerTaylorStatistics:
     token_energies: tuple[float, float] | None = None
     fingerprints: list[torch.Tensor] | None = None
     row_sensitivities: torch.Tensor | None = None
+    row_factors: torch.Tensor | None = None
 
 
 def collect_layer_statistics(
@@ -69,6 +73,8 @@ def collect_layer_statistics(
     gradient_dtype: str,
     checkpoint_modules: list[torch.nn.Module],
     desc: str,
+    row_factors: bool = False,
+    row_factor_rank: int | None = None,
 ) -> tuple[dict[torch.nn.Module, LayerTaylorStatistics], int]:
     """Run the gradient pass over ``dataloader``: one record per layer of ``modules``.
 
@@ -80,6 +86,8 @@ def collect_layer_statistics(
     :param gradient_dtype: "auto", "bfloat16" or "float32", resolved on the
         pass's device (:func:`moonshot_plugins.core.resolve_gradient_dtype`)
     :param checkpoint_modules: blocks run under activation checkpointing
+    :param row_factors: also each layer's per-row Fisher factors, of rank at
+        most ``row_factor_rank`` (None: exact) (:class:`~moonshot_plugins.core.FisherCollector`)
     :return: the records, keyed by layer; the number of samples the pass used
     """
     collector = FisherCollector(
@@ -90,6 +98,8 @@ def collect_layer_statistics(
         # the auto rule reads per-position weights in either statistic
         token_weights=statistic == "token_weights" or taylor_weight == AUTO,
         offload=offload_fisher,
+        row_factors=row_factors,
+        row_factor_rank=row_factor_rank,
     )
     used = _run_on_main_device(
         model,
@@ -110,6 +120,9 @@ def collect_layer_statistics(
         module: _layer_statistics(collector, name, statistic, taylor_weight)
         for name, module in modules.items()
     }
+    if row_factors:
+        for name, module in modules.items():
+            statistics[module].row_factors = collector.pop_row_factors(name)
     if taylor_weight == AUTO:
         lams = torch.tensor([record.taylor_weight for record in statistics.values()])
         logger.info(
