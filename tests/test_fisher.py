@@ -142,6 +142,22 @@ def test_fisher_modes_match_brute_force(case, batch_size):
             )
 
 
+@pytest.mark.parametrize("mode", ["sample", "token"])
+def test_row_factors_are_the_per_sample_gradients(mode):
+    model, data, losses, modules = seq_case()
+    grads, _ = brute_force(model, data, losses, modules)
+    collector = FisherCollector(
+        modules, fisher_mode=mode, matrix=False, row_factors=True, token_weights=mode == "token"
+    )
+    batches = [(data[0][:2], data[1][:2]), (data[0][2:], data[1][2:])]
+    assert run_gradient_pass(model, batches, collector, losses) == N_SAMPLES
+    for name in modules:
+        factors = collector.pop_row_factors(name)  # (d_out, d_in, N), column i = G_i / sqrt(N)
+        assert factors.shape == (*grads[name][0].shape, N_SAMPLES)
+        for i, g in enumerate(grads[name]):
+            torch.testing.assert_close(factors[..., i] * N_SAMPLES**0.5, g, rtol=1e-4, atol=1e-7)
+
+
 def test_sample_and_token_modes_differ():
     model, data, losses, modules = seq_case()
     results = {}

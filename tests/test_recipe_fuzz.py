@@ -30,7 +30,10 @@ SEED = 20261201
 CASES = 1000
 PRUNED = 14  # constructed cases that also prune the tiny model (about 1-2 s each)
 WIDTHS = (64, 128)  # the tiny Llama's input widths (hidden and intermediate size)
-SPARSEGPT_ONLY = ("row_weights", "block_size")
+SPARSEGPT_ONLY = ("row_weights", "block_size", "fisher_rows", "fisher_row_rank")
+# fields drawn less often: valid only together with others, they would make
+# most cases fail
+RARE = {"fisher_rows": 0.2, "fisher_row_rank": 0.15}
 BOOL_TEXT = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False,
              "1": True, "0": False, "t": True, "f": False, "y": True, "n": False}
 
@@ -94,6 +97,8 @@ VALID = {
     "gradient_dtype": lambda v: v in ("auto", "bfloat16", "float32"),
     "row_weights": lambda v: _bool(v) is not None,
     "weight_update": lambda v: v in ("host", "resolve", "admm"),
+    "fisher_rows": lambda v: v in ("shared", "per_row"),
+    "fisher_row_rank": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
     "offload_fisher": lambda v: _bool(v) is not None,
     "block_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     "dampening_frac": lambda v: _number(v) and math.isfinite(v) and v >= 0,
@@ -123,6 +128,13 @@ def faults(cls, fields: dict) -> set[str]:
             bad |= {"row_weights", "fisher_mode", "mask_structure"}
         if m and fields.get("block_size", 128) % m:
             bad |= {"block_size", "mask_structure"}
+        if fields.get("fisher_rows") == "per_row":
+            if fields.get("weight_update", "host") == "host":
+                bad |= {"fisher_rows", "weight_update"}
+            elif not sample:
+                bad |= {"fisher_rows", "fisher_mode"}
+        elif "fisher_row_rank" in fields:
+            bad |= {"fisher_row_rank", "fisher_rows"}
     return bad
 
 
@@ -161,6 +173,8 @@ TYPICAL = {
     "gradient_dtype": ["auto", "float32", "bfloat16", "float16", None, 32],
     "row_weights": [True, False, "yes", "off", 0, 1, 2, "maybe", None, 0.5],
     "weight_update": ["host", "resolve", "admm", "ADMM", None, 0],
+    "fisher_rows": ["shared", "per_row", "rows", "", None, 1],
+    "fisher_row_rank": [None, 8, 2, 1, 0, -1, True, 2.5, "8"],
     "offload_fisher": [True, False, "true", 1, "maybe", None],
     "block_size": [128, 64, 32, 96, 4, 3, 1, 0, -4, True, 2.5, "128"],
     "dampening_frac": [0.01, 0.0, 0.1, -0.1, float("nan"), float("inf"), None, True, "0.01"],
@@ -193,7 +207,7 @@ def random_case(rng: random.Random) -> tuple[type, dict]:
     cls = rng.choice([MoonshotSparseGPTModifier, MoonshotWandaModifier])
     fields = {}
     for field, typical in TYPICAL.items():
-        if rng.random() < 0.45:
+        if rng.random() < RARE.get(field, 0.45):
             if rng.random() < 0.1:
                 fields[field] = junk(rng)
                 continue
@@ -203,6 +217,9 @@ def random_case(rng: random.Random) -> tuple[type, dict]:
     if structure and rng.random() < 0.5:  # a sparsity that fits the structure, often enough to construct
         n, m = structure
         fields["sparsity"] = n / m if m else round(rng.uniform(0.05, 0.95), 3)
+    if ("fisher_rows" in fields or "fisher_row_rank" in fields) and rng.random() < 0.5:
+        # the context per_row needs, often enough to construct
+        fields.update(fisher_rows="per_row", fisher_mode="sample", weight_update=rng.choice(["resolve", "admm"]))
     return cls, fields
 
 

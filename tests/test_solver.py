@@ -7,7 +7,13 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import (
 )
 
 from moonshot_plugins.core.admm import admm_prune, keep_largest
-from moonshot_plugins.core.curvature import LayerCurvature, layer_curvature, layer_objective
+from moonshot_plugins.core.curvature import (
+    LayerCurvature,
+    layer_curvature,
+    layer_objective,
+    row_fisher_curvature,
+)
+from moonshot_plugins.core.objective import combine_hessians
 from moonshot_plugins.core.resolve import resolve_on_mask
 from moonshot_plugins.core.row_fisher import RowFisherBuilder, row_fisher_matvec
 
@@ -142,7 +148,7 @@ def test_builder_matches_autograd_per_sample_fisher():
     losses = torch.nn.functional.mse_loss(torch.tanh(outputs), targets, reduction="none")
     losses = losses.sum((1, 2))
     output_grads = torch.autograd.grad(losses.sum(), outputs)[0]
-    builder = RowFisherBuilder(d_out, d_in, n, dtype=F64)
+    builder = RowFisherBuilder(d_out, d_in, dtype=F64)
     builder.add(inputs[:2], output_grads[:2])  # a batch
     for i in range(2, n):
         builder.add(inputs[i], output_grads[i])  # single samples
@@ -158,28 +164,42 @@ def test_sketched_factors_are_unbiased_and_smaller():
     n, d_out, d_in, rank = 6, 3, 4, 2
     inputs = torch.randn(n, 5, d_in, generator=g, dtype=F64)
     output_grads = torch.randn(n, 5, d_out, generator=g, dtype=F64)
-    exact = RowFisherBuilder(d_out, d_in, n, dtype=F64)
+    exact = RowFisherBuilder(d_out, d_in, dtype=F64)
     exact.add(inputs, output_grads)
-    fisher = exact.factors() @ exact.factors().transpose(1, 2)
+    factors = exact.factors()
+    fisher = factors @ factors.transpose(1, 2)
     draws = 400
     mean = torch.zeros_like(fisher)
     for seed in range(draws):
-        sketch = RowFisherBuilder(d_out, d_in, n, rank=rank, dtype=F64, seed=seed)
-        sketch.add(inputs, output_grads)
-        assert sketch.factors().shape == (d_out, d_in, rank)
-        mean += sketch.factors() @ sketch.factors().transpose(1, 2) / draws
+        sketch = RowFisherBuilder(d_out, d_in, rank=rank, dtype=F64, seed=seed)
+        sketch.add(inputs[:1], output_grads[:1])  # exact until the sample past k...
+        sketch.add(inputs[1:], output_grads[1:])  # ...then sketched, those columns included
+        factors = sketch.factors()
+        assert factors.shape == (d_out, d_in, rank)
+        mean += factors @ factors.transpose(1, 2) / draws
     # Monte Carlo error ~ sqrt(2 / (rank * draws)) = 0.05 of ||F||; a wrong
     # normalisation (1/k, 1/N) would be off by 50% or more
     assert (mean - fisher).norm() / fisher.norm() < 0.15
 
 
-def test_builder_checks_sample_count():
-    builder = RowFisherBuilder(2, 3, 2)
-    builder.add(torch.randn(4, 3), torch.randn(4, 2))
-    with pytest.raises(ValueError, match="1 samples added"):
-        builder.factors()
-    with pytest.raises(ValueError, match="more than"):
-        builder.add(torch.randn(2, 4, 3), torch.randn(2, 4, 2))
+def test_builder_is_exact_up_to_its_rank_and_is_taken_once():
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randn(3, 5, 4, generator=g, dtype=F64)
+    output_grads = torch.randn(3, 5, 2, generator=g, dtype=F64)
+    exact, capped = RowFisherBuilder(2, 4, dtype=F64), RowFisherBuilder(2, 4, rank=3, dtype=F64)
+    for builder in (exact, capped):
+        builder.add(inputs[:2], output_grads[:2])
+        builder.add(inputs[2], output_grads[2])
+    torch.testing.assert_close(capped.factors(), exact.factors(), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="already taken"):
+        exact.factors()
+    with pytest.raises(RuntimeError, match="already taken"):
+        exact.add(inputs, output_grads)
+    with pytest.raises(ValueError, match="no sample"):
+        RowFisherBuilder(2, 4).factors()
+    for rank in (0, 2.5, True):
+        with pytest.raises(ValueError, match="rank must be a positive integer or None"):
+            RowFisherBuilder(2, 4, rank=rank)
 
 
 # --- re-solve on a fixed mask -------------------------------------------------
@@ -195,6 +215,48 @@ def test_resolve_matches_exact_solution_on_each_support(per_row, kind):
         assert result.residual <= 1e-13
         assert torch.all(result.weight[~keep] == 0)
         for j in range(6):
+            expected = exact_row(rows[j], dense[j], keep[j].nonzero().flatten())
+            torch.testing.assert_close(result.weight[j], expected, rtol=1e-10, atol=1e-10)
+
+
+def row_fisher_problem(seed, d_out=5, d_in=12, k=3, lam=0.3):
+    """(curvature, explicit A_j list, H, F, U, damping) of ``row_fisher_curvature``,
+    A_j written from the objective s_H ((1-lam) recon / s_H + lam taylor_j / s_F) + damping."""
+    g = torch.Generator().manual_seed(seed)
+    h = spd(d_in, g)
+    factors = torch.randn(d_out, d_in, k, generator=g, dtype=F64) * torch.exp(torch.randn(d_in, 1, generator=g, dtype=F64))
+    fisher = torch.einsum("jdk,jek->de", factors, factors) / d_out  # the rows' average
+    damping = torch.rand(d_in, generator=g, dtype=F64)
+    s_h, s_f = h.diagonal().mean(), fisher.diagonal().mean()
+    rows = [s_h * ((1 - lam) * h / s_h + lam * factors[j] @ factors[j].T / s_f) + torch.diag(damping)
+            for j in range(d_out)]
+    curvature = row_fisher_curvature(h, fisher, factors, lam, damping, dtype=F64)
+    return curvature, rows, h, fisher, factors, damping
+
+
+def test_row_fisher_curvature_is_its_objective_and_averages_to_the_shared_one():
+    lam = 0.3
+    curvature, rows, h, fisher, factors, damping = row_fisher_problem(0, lam=lam)
+    delta = torch.randn(5, 12, generator=torch.Generator().manual_seed(1), dtype=F64)
+    values = curvature.row_values(delta)
+    for j in range(5):
+        torch.testing.assert_close(values[j], delta[j] @ rows[j] @ delta[j])
+    # the rows' average is the row-shared objective the sweep solves, damped alike
+    torch.testing.assert_close(sum(rows) / 5, combine_hessians(h, fisher, lam) + torch.diag(damping))
+    at_zero = row_fisher_curvature(h, fisher, factors, 0.0, damping, dtype=F64)
+    assert at_zero.row_factors is None
+    torch.testing.assert_close(at_zero.shared, h + torch.diag(damping), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["2:4", "unstructured"])
+def test_row_fisher_resolve_matches_exact_solution_on_each_support(kind):
+    for seed in range(3):
+        curvature, rows, *_ = row_fisher_problem(seed)
+        dense = torch.randn(5, 12, generator=torch.Generator().manual_seed(50 + seed), dtype=F64)
+        keep = random_keep(torch.Generator().manual_seed(100 + seed), 5, 12, kind)
+        result = resolve_on_mask(curvature, dense, keep, max_iters=200, rtol=1e-13)
+        assert result.residual <= 1e-13
+        for j in range(5):
             expected = exact_row(rows[j], dense[j], keep[j].nonzero().flatten())
             torch.testing.assert_close(result.weight[j], expected, rtol=1e-10, atol=1e-10)
 

@@ -1,15 +1,19 @@
 """weight_update on MoonshotSparseGPTModifier: the sweep's mask re-solved, or
-an ADMM search, never worse than the sweep on the objective it minimises."""
+an ADMM search, never worse than the sweep on the objective it minimises; and
+``fisher_rows: per_row``, the re-solve with each row's own Fisher."""
 
 import pytest
 import torch
 from pydantic import ValidationError
+from transformers import AutoModelForCausalLM
 
 from llmcompressor.modifiers.pruning import SparseGPTModifier
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
 
 from moonshot_plugins import MoonshotSparseGPTModifier
-from moonshot_plugins.llmcompressor.weight_update import LayerSnapshot, damped_hessian, updated_weight
+from moonshot_plugins.core import combine_hessians
+from moonshot_plugins.llmcompressor.gradient_pass import collect_layer_statistics
+from moonshot_plugins.llmcompressor.weight_update import LayerSnapshot, RowFisher, damped_hessian, updated_weight
 from tests.test_modifiers import linear_weights, loader, prune  # noqa: F401 (loader: the shared fixture)
 
 COMMON = dict(sparsity=0.5, mask_structure="2:4", ignore=["re:.*lm_head"])
@@ -103,3 +107,109 @@ def test_wanda_rejects_admm():
 
     with pytest.raises(ValidationError, match=r"weight_update must be one of \['host', 'resolve'\] for Wanda, got 'admm'"):
         MoonshotWandaModifier(**COMMON, weight_update="admm")
+
+
+# -- fisher_rows: per_row ----------------------------------------------------------------
+
+SAMPLE = dict(COMMON, fisher_mode="sample", taylor_weight=0.5)
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_the_gradient_pass_keeps_each_samples_weight_gradient_as_row_factors(tiny_llama_dir, loader, rank):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64)
+    layer = model.model.layers[1].self_attn.q_proj
+    records, used = collect_layer_statistics(
+        model, loader, {"q_proj": layer}, statistic="matrix", taylor_weight=0.5, fisher_mode="sample",
+        fisher_samples=None, offload_fisher=False, gradient_dtype="float32", checkpoint_modules=[],
+        desc="test", row_factors=True, row_factor_rank=rank,
+    )
+    record = records[layer]
+    factors = record.row_factors
+    assert factors.device.type == "cpu" and factors.dtype == torch.float32
+    grads = []  # brute force: autograd, one sample's own mean-token loss at a time, fp64
+    for batch in loader:
+        model.zero_grad()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        grads.append(layer.weight.grad.clone())
+    assert used == len(grads) == 6
+    fisher = sum(g[:, :, None] * g[:, None, :] for g in grads) / used  # F_j, (d_out, d_in, d_in)
+    rows = factors.double() @ factors.double().transpose(1, 2)
+    if rank is None:
+        assert factors.shape == (*layer.weight.shape, used)
+        for i, g in enumerate(grads):  # column i is sample i's gradient / sqrt(N)
+            torch.testing.assert_close(factors[..., i].double() * used**0.5, g, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(rows, fisher, rtol=1e-5, atol=1e-9)
+    else:
+        assert factors.shape == (*layer.weight.shape, rank)
+        assert not torch.allclose(rows, fisher, rtol=0.1)  # a sketch, unbiased only on average
+    # the sweep's sample Fisher is the rows' average of the exact F_j
+    torch.testing.assert_close(record.fisher.double(), fisher.mean(0), rtol=1e-5, atol=1e-9)
+
+
+def test_per_row_update_minimises_its_stated_objective_on_the_mask():
+    lam, frac = 0.4, 0.01
+    linear, hessian = _layer(0)
+    dense = linear.weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    factors = torch.randn(12, 32, 3, generator=g) * torch.rand(32, 1, generator=g)
+    fisher = torch.einsum("jdk,jek->de", factors, factors) / 12
+    combined = combine_hessians(hessian, fisher, lam)  # what the sweep solves
+    _, swept = sparsify_weight(linear, {linear: combined.clone()}, 0.5, 2, 4, block_size=128,
+                               dampening_frac=frac, preserve_sparsity_mask=False)
+    swept = swept.detach()
+    snapshot = LayerSnapshot(dense, combined, 0.5, RowFisher(hessian, fisher, factors, lam))
+    new, before, after = updated_weight("resolve", snapshot, swept, frac, 2, 4)
+    assert torch.equal(new != 0, swept != 0)
+    # row j: s_H ((1-lam) recon_j / s_H + lam taylor_j / s_F), damped as the sweep was
+    s_h, s_f = hessian.diagonal().mean(), fisher.diagonal().mean()
+    damping = frac * combined.diagonal().mean()
+    exact = torch.zeros_like(dense, dtype=torch.float64)
+    total = {"swept": 0.0, "new": 0.0}
+    for j in range(12):
+        a = (s_h * ((1 - lam) * hessian / s_h + lam * factors[j] @ factors[j].T / s_f)).double()
+        a += damping * torch.eye(32, dtype=torch.float64)
+        support = (swept[j] != 0).nonzero().flatten()
+        exact[j, support] = torch.linalg.solve(a[support][:, support], (a @ dense[j].double())[support])
+        for name, weight in (("swept", swept), ("new", new)):
+            delta = (weight[j] - dense[j]).double()
+            total[name] += float(delta @ a @ delta)
+    torch.testing.assert_close(new.double(), exact, rtol=1e-3, atol=1e-4)
+    assert before == pytest.approx(total["swept"], rel=1e-4)
+    assert after == pytest.approx(total["new"], rel=1e-4)
+    assert after < before
+
+
+def test_per_row_resolve_keeps_the_sweep_mask_and_is_shared_at_lam_zero(tiny_llama_dir, loader):
+    shared = _prune(tiny_llama_dir, MoonshotSparseGPTModifier(**SAMPLE, weight_update="resolve"), loader)
+    per_row = _prune(tiny_llama_dir, MoonshotSparseGPTModifier(**SAMPLE, weight_update="resolve", fisher_rows="per_row"), loader)
+    first = [k for k in shared if ".layers.0." in k]  # the same sweep: same inputs, same Hessian
+    for key in first:
+        assert torch.equal(shared[key] != 0, per_row[key] != 0), key
+    assert all(not torch.equal(shared[k], per_row[k]) for k in first)
+    at_zero = dict(SAMPLE, taylor_weight=0.0, weight_update="resolve")
+    lam0 = _prune(tiny_llama_dir, MoonshotSparseGPTModifier(**at_zero), loader)
+    lam0_per_row = _prune(tiny_llama_dir, MoonshotSparseGPTModifier(**at_zero, fisher_rows="per_row"), loader)
+    for key in lam0:
+        assert torch.equal(lam0[key], lam0_per_row[key]), key
+
+
+def test_per_row_admm_with_a_sketch_keeps_2_of_4(tiny_llama_dir, loader):
+    modifier = MoonshotSparseGPTModifier(**SAMPLE, weight_update="admm", fisher_rows="per_row", fisher_row_rank=2)
+    for key, weight in _prune(tiny_llama_dir, modifier, loader).items():
+        groups = (weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1)
+        assert (groups == 2).all(), key
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(fisher_rows="rows"), r"fisher_rows must be one of \['shared', 'per_row'\], got 'rows'"),
+    (dict(fisher_rows="per_row", fisher_mode="sample"),
+     r"fisher_rows='per_row' needs weight_update 'resolve' or 'admm' .* got weight_update='host'"),
+    (dict(fisher_rows="per_row", weight_update="resolve"),
+     r"fisher_rows='per_row' needs fisher_mode='sample' .* got fisher_mode='token'"),
+    (dict(fisher_rows="per_row", fisher_mode="sample", weight_update="admm", fisher_row_rank=0),
+     r"fisher_row_rank must be a positive integer .* or None .* got 0"),
+    (dict(fisher_row_rank=4), r"fisher_row_rank applies only with fisher_rows='per_row'"),
+])
+def test_bad_fisher_rows_are_rejected(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        MoonshotSparseGPTModifier(**COMMON, **fields)

@@ -47,6 +47,7 @@ from moonshot_plugins.core.curvature import (
     diagonal_fisher_curvature,
     layer_curvature,
     layer_objective,
+    row_fisher_curvature,
 )
 from moonshot_plugins.core.blockwise_pass import (
     blocks_bypassed,
@@ -109,6 +110,7 @@ __all__ = [
     "ObjectiveTerms",
     "layer_curvature",
     "layer_objective",
+    "row_fisher_curvature",
     "SolveResult",
     "batched_pcg",
     "resolve_on_mask",

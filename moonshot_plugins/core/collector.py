@@ -14,6 +14,9 @@ Both are d_in x d_in, the shape of SparseGPT's row-shared Hessian. The
 per-weight diagonal (d_out x d_in), for hosts whose objective is diagonal, is
 (1/N) sum_i G_i**2 ("sample") or (1/N) sum_{i,t} d_{i,t}**2 x_{i,t}**2 ("token").
 
+With ``row_factors``, each layer also gets the per-row Fisher factors of
+every sample's G_i (:class:`~moonshot_plugins.core.row_fisher.RowFisherBuilder`).
+
 Weights, inputs and gradients are in the standardised orientation of
 :mod:`moonshot_plugins.core.layers`. Only activation gradients are needed
 (:mod:`moonshot_plugins.core.gradient_pass`).
@@ -33,12 +36,14 @@ from moonshot_plugins.core.layers import (
     Conv1D,
     check_supported_layer,
     conv_groups,
+    in_features,
     is_norm_layer,
     layer_inputs,
     layer_output_grads,
     out_features,
 )
 from moonshot_plugins.core.norm_fisher import norm_weight_fisher_update, normalized_input
+from moonshot_plugins.core.row_fisher import RowFisherBuilder
 from moonshot_plugins.core.token_statistics import TokenStatistics, position_summary
 
 __all__ = ["FISHER_MODES", "validate_fisher_mode", "FisherCollector"]
@@ -98,6 +103,13 @@ class FisherCollector:
         (:meth:`row_sensitivities`) and per-position input sums
         (:meth:`input_sums`); see :mod:`moonshot_plugins.core.token_statistics`.
         Needs ``fisher_mode="token"``; Linear/Conv1D only
+    :param row_factors: each layer's per-row Fisher factors U (d_out, d_in, k),
+        F_j = U_j U_j^T over the per-sample gradients G_i whatever
+        ``fisher_mode`` (:meth:`pop_row_factors`). Always kept on the CPU, in
+        fp32: k copies of every layer's weight at once (N copies when exact).
+        Not for norm layers or grouped convs
+    :param row_factor_rank: k, the cap on the factors' columns (a Gaussian
+        sketch once more than k samples arrive), or None for the exact factors
     """
 
     def __init__(
@@ -112,14 +124,16 @@ class FisherCollector:
         norm_layers: bool = False,
         sample_rows: bool = False,
         token_weights: bool = False,
+        row_factors: bool = False,
+        row_factor_rank: int | None = None,
     ):
         self.fisher_mode = validate_fisher_mode(fisher_mode)
         if token_weights and self.fisher_mode != "token":
             raise ValueError("token_weights=True needs fisher_mode='token'")
-        if not (matrix or diagonal or input_moments or token_weights):
+        if not (matrix or diagonal or input_moments or token_weights or row_factors):
             raise ValueError("FisherCollector needs matrix=True or diagonal=True")
         for name, module in modules.items():
-            _check_layer(name, module, matrix, grouped_convs, norm_layers, token_weights)
+            _check_layer(name, module, matrix or row_factors, grouped_convs, norm_layers, token_weights)
         self.modules = dict(modules)
         self.matrix = matrix
         self.diagonal = diagonal
@@ -127,12 +141,19 @@ class FisherCollector:
         self.input_moments = input_moments
         self.sample_rows = sample_rows
         self.keep_token_weights = token_weights
+        self.row_factors = row_factors
+        # the layer inputs themselves are needed in backward (not only their summary)
+        self._needs_inputs = matrix or diagonal or row_factors
         self.num_samples: dict[str, int] = {name: 0 for name in self.modules}
         self.num_moment_samples: dict[str, int] = {name: 0 for name in self.modules}
         self._matrix_acc: dict[str, torch.Tensor] = {}
         self._diag_acc: dict[str, torch.Tensor] = {}
         self._moment_acc: dict[str, torch.Tensor] = {}
         self._token_statistics = TokenStatistics(self.modules)
+        self._row_builders = {
+            name: RowFisherBuilder(out_features(module), in_features(module), row_factor_rank)
+            for name, module in self.modules.items()
+        } if row_factors else {}
         self._handles: list[Any] = []
 
     # -- hooks ---------------------------------------------------------------
@@ -153,15 +174,13 @@ class FisherCollector:
             if self.input_moments and not norm:
                 with torch.autocast(args[0].device.type, enabled=False):
                     self._accumulate_moments(name, module, args[0].detach())
-            if not torch.is_grad_enabled() or not (
-                self.matrix or self.diagonal or self.keep_token_weights
-            ):
+            if not torch.is_grad_enabled() or not (self._needs_inputs or self.keep_token_weights):
                 return None
             if norm:
                 x = normalized_input(module, args[0].detach())
             else:
                 x = self._inputs(module, args[0].detach())
-                if self.keep_token_weights and not (self.matrix or self.diagonal):
+                if self.keep_token_weights and not self._needs_inputs:
                     # two numbers per position are all token weights need:
                     # holding them instead of x until backward saves memory
                     x = position_summary(x, FISHER_PRECISION)
@@ -211,7 +230,7 @@ class FisherCollector:
         d = layer_output_grads(module, g).to(FISHER_PRECISION)
         self.num_samples[name] += x.shape[0]
         if self.keep_token_weights:
-            if not (self.matrix or self.diagonal):
+            if not self._needs_inputs:
                 return self._token_statistics.add(name, x, d)  # x is the summary
             self._token_statistics.add(name, position_summary(x, FISHER_PRECISION), d)
         if conv_groups(module) != 1:  # diagonal only (checked in __init__)
@@ -223,8 +242,12 @@ class FisherCollector:
                 self._add(self._matrix_acc, name, (x2d * weights).T @ x2d)
             if self.diagonal:
                 self._add(self._diag_acc, name, d2d.square().T @ x2d.square())
+            if self.row_factors:
+                self._row_builders[name].add(x, d)
         else:
             grads = d.transpose(1, 2) @ x  # (B, d_out, d_in): one G_i per sample
+            if self.row_factors:
+                self._row_builders[name].add_gradients(grads)
             if self.matrix:
                 rows = grads.reshape(-1, grads.shape[-1])
                 self._add(self._matrix_acc, name, rows.T @ rows)
@@ -346,6 +369,23 @@ class FisherCollector:
             raise RuntimeError("collector was built with token_weights=False")
         return self._token_statistics.input_sums[name]
 
+    def pop_row_factors(self, name: str) -> torch.Tensor:
+        """Per-row Fisher factors U of layer ``name``: (d_out, d_in, k) fp32 on
+        the CPU, F_j = U_j U_j^T (:class:`~moonshot_plugins.core.row_fisher.RowFisherBuilder`);
+        the collector lets go of them. Raises
+        :class:`~moonshot_plugins.core.finite.NonFiniteError` on a NaN or inf."""
+        if not self.row_factors:
+            raise RuntimeError("collector was built with row_factors=False")
+        self._num(name)
+        factors = self._row_builders.pop(name).factors()
+        found = describe_non_finite(factors)
+        if found is not None:
+            raise NonFiniteError(
+                f"the per-row Fisher factors of layer {name!r} hold {found}: its inputs or "
+                "output gradients were not finite in the gradient pass. Nothing was changed"
+            )
+        return factors
+
     def pop(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Return (matrix, diagonal) for ``name`` and free the accumulators."""
         matrix = self.fisher(name) if self.matrix else None
@@ -368,7 +408,8 @@ def _check_layer(
     if matrix and (is_norm_layer(module) or conv_groups(module) != 1):
         raise ValueError(
             f"layer {name!r} ({type(module).__name__}) has no shared d_in x d_in "
-            "Fisher; pass matrix=False (diagonal=True and/or input_moments=True)"
+            "Fisher or per-row factors; pass matrix=False and row_factors=False "
+            "(diagonal=True and/or input_moments=True)"
         )
     if token_weights and not isinstance(module, (nn.Linear, Conv1D)):
         raise ValueError(

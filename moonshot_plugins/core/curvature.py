@@ -30,11 +30,13 @@ from typing import NamedTuple
 
 import torch
 
+from moonshot_plugins.core.objective import mean_diagonal, validate_taylor_weight
 from moonshot_plugins.core.row_fisher import row_fisher_matvec
 
 __all__ = [
     "LayerCurvature",
     "layer_curvature",
+    "row_fisher_curvature",
     "diagonal_fisher_curvature",
     "ObjectiveTerms",
     "layer_objective",
@@ -118,6 +120,44 @@ def layer_curvature(
     if lam > 0 and row_factors is not None:
         return LayerCurvature(shared, row_factors.to(dtype), lam / fisher_scale)
     return LayerCurvature(shared)
+
+
+def row_fisher_curvature(
+    hessian: torch.Tensor,
+    fisher: torch.Tensor,
+    row_factors: torch.Tensor,
+    taylor_weight: float,
+    damping: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LayerCurvature:
+    """The objective of :func:`~moonshot_plugins.core.objective.combine_hessians`
+    with each row's own Fisher in place of the rows' average, in units of H:
+
+        A_j = (1 - lam) H + lam (s_H / s_F) U_j U_j^T + diag(damping),
+
+    i.e. s_H ((1 - lam) recon / s_H + lam taylor_j / s_F), with s_H, s_F the mean
+    diagonals of H and of the row-averaged Fisher F. With exact factors
+    (1/d_out) sum_j U_j U_j^T = F (the "sample" Fisher), so the rows' average of
+    A_j is exactly ``combine_hessians(H, F, lam) + diag(damping)``.
+
+    :param hessian: H, (d_in, d_in), the reconstruction Hessian, not combined
+    :param fisher: F, (d_in, d_in), the row-averaged Fisher; only its mean
+        diagonal s_F is used (a layer with s_F = 0 gets no Taylor term, as in
+        ``combine_hessians``)
+    :param row_factors: U, (d_out, d_in, k), F_j = U_j U_j^T
+    :param taylor_weight: lam in [0, 1]
+    :param damping: (d_in,) >= 0 added to the diagonal of every A_j (units of H)
+    :param dtype: computation dtype (fp32; fp64 for tests)
+    """
+    lam = validate_taylor_weight(taylor_weight)
+    shared = (1.0 - lam) * hessian.to(dtype)
+    if damping is not None:
+        shared = shared + torch.diag(damping.to(shared))
+    fisher_scale = float(mean_diagonal(fisher))
+    if lam == 0.0 or fisher_scale <= 0.0:
+        return LayerCurvature(shared)
+    weight = lam * float(mean_diagonal(hessian)) / fisher_scale
+    return LayerCurvature(shared, row_factors.to(shared), weight)
 
 
 def diagonal_fisher_curvature(

@@ -184,6 +184,13 @@ def reduce_layer_statistics(
     if not is_distributed():
         return
     records = list(statistics.values())
+    if any(record.row_factors is not None for record in records):
+        # a rank's sketch covers its own samples only, and sketches of different
+        # ranks do not add up to the sketch of all samples
+        raise ValueError(
+            "fisher_rows: per_row is not supported under torchrun (a process group is "
+            "initialised); use fisher_rows: shared, or run in one process. Nothing was changed"
+        )
     total = torch.tensor(float(used), dtype=torch.float64)
     dist.all_reduce(total)
     for record in records:

@@ -62,6 +62,9 @@ class LayerTaylorStatistics:
         in the host's pass (:class:`~moonshot_plugins.llmcompressor.token_reweighting.SampleMatcher`)
     :param row_sensitivities: "token_weights" only: each output row's share of
         the token Fisher, (d_out,), mean 1
+    :param row_factors: with ``row_factors`` only: the per-row Fisher factors U,
+        (d_out, d_in, k), F_j = U_j U_j^T, fp32 on the CPU
+        (:meth:`~moonshot_plugins.core.FisherCollector.pop_row_factors`)
     """
 
     taylor_weight: float
@@ -70,6 +73,7 @@ class LayerTaylorStatistics:
     token_energies: tuple[float, float] | None = None
     fingerprints: list[torch.Tensor] | None = None
     row_sensitivities: torch.Tensor | None = None
+    row_factors: torch.Tensor | None = None
 
 
 def collect_layer_statistics(
@@ -85,6 +89,8 @@ def collect_layer_statistics(
     gradient_dtype: str,
     blocks: list[torch.nn.Module],
     desc: str,
+    row_factors: bool = False,
+    row_factor_rank: int | None = None,
 ) -> tuple[dict[torch.nn.Module, LayerTaylorStatistics], int]:
     """Run the gradient pass over ``dataloader``: one record per layer of ``modules``.
 
@@ -97,6 +103,8 @@ def collect_layer_statistics(
         pass's device (:func:`moonshot_plugins.core.resolve_gradient_dtype`)
     :param blocks: the decoder layers (the host's sequential targets), in
         order: the pass holds one of them on the execution device at a time
+    :param row_factors: also each layer's per-row Fisher factors, of rank at
+        most ``row_factor_rank`` (None: exact) (:class:`~moonshot_plugins.core.FisherCollector`)
     :return: the records, keyed by layer; the number of samples the pass used
     """
     collector = FisherCollector(
@@ -107,6 +115,8 @@ def collect_layer_statistics(
         # the auto rule reads per-position weights in either statistic
         token_weights=statistic == "token_weights" or taylor_weight == AUTO,
         offload=offload_fisher,
+        row_factors=row_factors,
+        row_factor_rank=row_factor_rank,
     )
     used = run_gradient_pass_by_blocks(
         model,
@@ -125,6 +135,9 @@ def collect_layer_statistics(
         module: _layer_statistics(collector, name, statistic, taylor_weight)
         for name, module in modules.items()
     }
+    if row_factors:
+        for name, module in modules.items():
+            statistics[module].row_factors = collector.pop_row_factors(name)
     if taylor_weight == AUTO:
         lams = torch.tensor([record.taylor_weight for record in statistics.values()])
         logger.info(

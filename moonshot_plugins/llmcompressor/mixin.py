@@ -194,6 +194,11 @@ class MoonshotModifierMixin(BaseModel):
         host's own accumulation), "matrix" (d_in x d_in) or "diagonal"."""
         raise NotImplementedError
 
+    def _row_factor_options(self) -> dict[str, Any]:
+        """Keyword options of per-row Fisher factors for the gradient pass
+        (:func:`collect_layer_statistics`); none unless the host's weight update uses them."""
+        return {}
+
     def on_initialize(self, state: State, **kwargs) -> bool:
         """The host's initialization, the checks of the model and the data,
         then the gradient pass (unless lam == 0). Nothing here changes a weight.
@@ -304,6 +309,7 @@ class MoonshotModifierMixin(BaseModel):
                     block for _, block in match_named_modules(model, self._sequential_targets)
                 ],
                 desc=f"{type(self).__name__} gradient pass",
+                **self._row_factor_options(),
             )
         reduce_layer_statistics(self._layer_statistics, used, self.taylor_weight)
         if statistic == "token_weights":

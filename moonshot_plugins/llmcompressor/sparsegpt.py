@@ -21,8 +21,12 @@ from moonshot_plugins.llmcompressor.host_fields import validate_block_size, vali
 from moonshot_plugins.llmcompressor.mixin import MoonshotModifierMixin
 from moonshot_plugins.llmcompressor.row_weights import scale_rows, unscale_rows
 from moonshot_plugins.llmcompressor.weight_update import (
+    DEFAULT_FISHER_ROW_RANK,
     LayerSnapshot,
+    RowFisher,
     updated_weight,
+    validate_fisher_row_rank,
+    validate_fisher_rows,
     validate_weight_update,
 )
 
@@ -67,6 +71,30 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
     objective's exact minimum) or "admm" (mask and weights searched by ADMM,
     then re-solved); see :mod:`~moonshot_plugins.llmcompressor.weight_update`.
 
+    ``fisher_rows`` (default "shared"): the Fisher of the re-solve ("resolve",
+    "admm"). "shared" is the sweep's own objective. "per_row" (needs
+    ``fisher_mode: sample`` and ``weight_update`` "resolve" or "admm") gives
+    each output row j its own empirical Fisher F_j = (1/N) sum_i g_ij g_ij^T
+    (g_ij: row j of sample i's weight gradient) instead of the rows' average:
+    row j minimises (1-lam) recon_j / s_rec + lam taylor_j / s_F with
+    recon_j = dw_j^T H dw_j, H the host's plain (2/n) X^T X (sample mode never
+    reweights it), taylor_j = dw_j^T F_j dw_j, and s_rec, s_F the mean
+    diagonals of H and of the rows' average F (the normalisation of
+    ``combine_hessians``), scaled by s_rec and damped as the sweep was. The
+    sweep still runs on combine_hessians(H, F, lam), the rows' average of that
+    objective (exactly, with exact factors): "resolve" keeps the sweep's mask
+    of ``fisher_rows: shared`` and re-solves its kept weights row by row, "admm"
+    also searches the mask on the per-row objective. lam = 0 gives no gradient
+    pass and the same result as "shared". F_j is kept as
+    factors U_j (d_in x k) from the gradient pass
+    (:class:`~moonshot_plugins.core.row_fisher.RowFisherBuilder`):
+    ``fisher_row_rank`` k (default 8) caps them by a Gaussian sketch over the
+    samples (exact while N <= k; None: always exact, k = N). Memory: k copies
+    of every pruned layer's weight at once, on the CPU, fp32, from the
+    gradient pass until the layer is compressed (SmolLM2-135M at k = 8: about
+    3.4 GB); each CG iteration of the re-solve adds two (d_out, d_in, k)
+    batched products to its d_out x d_in x d_in one.
+
     Sample yaml:
 
     ```yaml
@@ -78,6 +106,7 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
           taylor_weight: auto       # or a fixed lam in [0, 1]
           fisher_mode: "token"
           weight_update: host       # or resolve, admm
+          fisher_rows: shared       # or per_row (fisher_mode: sample, weight_update: resolve or admm)
           targets: ["Linear"]
           ignore: ["re:.*lm_head"]
     ```
@@ -92,11 +121,23 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
     taylor_weight: float | str = AUTO
     row_weights: bool = True
     weight_update: str = "host"
+    fisher_rows: str = "shared"
+    fisher_row_rank: int | None = DEFAULT_FISHER_ROW_RANK
 
     @field_validator("weight_update")
     @classmethod
     def _check_weight_update(cls, value: str) -> str:
         return validate_weight_update(value)
+
+    @field_validator("fisher_rows")
+    @classmethod
+    def _check_fisher_rows(cls, value: str) -> str:
+        return validate_fisher_rows(value)
+
+    @field_validator("fisher_row_rank", mode="before")
+    @classmethod
+    def _check_fisher_row_rank(cls, value: object) -> int | None:
+        return validate_fisher_row_rank(value)
 
     @field_validator("block_size", mode="before")
     @classmethod
@@ -134,8 +175,35 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_per_row_fisher(self):
+        if self.fisher_rows == "shared":
+            if "fisher_row_rank" in self.model_fields_set:
+                raise ValueError(
+                    "fisher_row_rank applies only with fisher_rows='per_row', got fisher_rows='shared'"
+                )
+            return self
+        if self.weight_update not in ("resolve", "admm"):
+            raise ValueError(
+                "fisher_rows='per_row' needs weight_update 'resolve' or 'admm' (the sweep has one "
+                f"Hessian for all rows; only the weight update can use one per row), got "
+                f"weight_update={self.weight_update!r}"
+            )
+        if self.fisher_mode != "sample":
+            raise ValueError(
+                "fisher_rows='per_row' needs fisher_mode='sample' (the per-row Fisher is made of "
+                "per-sample gradients, and the sweep uses its rows' average, the sample Fisher), "
+                f"got fisher_mode={self.fisher_mode!r}"
+            )
+        return self
+
     def _fisher_statistic(self) -> str:
         return "token_weights" if self.fisher_mode == "token" else "matrix"
+
+    def _row_factor_options(self) -> dict[str, object]:
+        if self.fisher_rows == "shared":
+            return {}
+        return dict(row_factors=True, row_factor_rank=self.fisher_row_rank)
 
     def calibrate_module(
         self, module: torch.nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor
@@ -160,15 +228,8 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
         with self._compressed_across_ranks(self._hessians):
             self._check_finite_host_statistics(self._hessians, "Hessian")
             row_roots = self._scale_rows() if self.row_weights else {}
-            for module in list(self._num_samples):
-                statistics = self._layer_statistics.pop(module, None)  # done with this layer
-                if statistics is None or statistics.fisher is None:
-                    continue
-                with self._maybe_onload_hessian(module):
-                    self._hessians[module] = combine_hessians(
-                        self._hessians[module], statistics.fisher, statistics.taylor_weight
-                    )
-            snapshots = self._snapshot_layers() if self.weight_update != "host" else {}
+            row_fishers = self._combine_fishers()
+            snapshots = self._snapshot_layers(row_fishers) if self.weight_update != "host" else {}
             super().compress_modules()
             self._update_weights(snapshots)
             unscale_rows(row_roots)
@@ -177,13 +238,35 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
             # per decoder layer (2:4 SmolLM2: peak 2.59 GB vs 1.24 GB with it).
             release_freed_memory()
 
+    def _combine_fishers(self) -> dict[torch.nn.Module, RowFisher]:
+        """Sample mode: each layer's Hessian becomes ``combine_hessians(H, F, lam)``.
+        Returns, with ``fisher_rows: per_row``, what the re-solve needs of each layer."""
+        row_fishers = {}
+        for module in list(self._num_samples):
+            statistics = self._layer_statistics.pop(module, None)  # done with this layer
+            if statistics is None or statistics.fisher is None:
+                continue
+            with self._maybe_onload_hessian(module):
+                if statistics.row_factors is not None:  # H before the Fisher joins it
+                    row_fishers[module] = RowFisher(
+                        self._hessians[module].float().clone(), statistics.fisher,
+                        statistics.row_factors, statistics.taylor_weight,
+                    )
+                self._hessians[module] = combine_hessians(
+                    self._hessians[module], statistics.fisher, statistics.taylor_weight
+                )
+        return row_fishers
+
     def _scale_rows(self) -> dict[torch.nn.Module, torch.Tensor]:
         """Scale the rows of the layers about to be pruned by sqrt(m_i); returns
         the factors to undo it (:func:`~moonshot_plugins.llmcompressor.row_weights.scale_rows`)."""
         return scale_rows(list(self._num_samples), self._layer_statistics)
 
-    def _snapshot_layers(self) -> dict[torch.nn.Module, LayerSnapshot]:
-        """Each layer's weight and Hessian just before the sweep (which consumes both)."""
+    def _snapshot_layers(
+        self, row_fishers: dict[torch.nn.Module, RowFisher]
+    ) -> dict[torch.nn.Module, LayerSnapshot]:
+        """Each layer's weight and Hessian just before the sweep (which consumes
+        both), and its per-row Fisher if any."""
         snapshots = {}
         for module in self._num_samples:
             with torch.no_grad(), self._maybe_onload_hessian(module), align_module_device(module):
@@ -191,12 +274,15 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
                     standardized_weight(module).float().clone(),
                     self._hessians[module].float().clone(),
                     self._module_sparsities[module],
+                    row_fishers.get(module),
                 )
         return snapshots
 
     def _update_weights(self, snapshots: dict[torch.nn.Module, LayerSnapshot]) -> None:
-        """Replace each swept layer's weights by ``weight_update``'s."""
-        for module, snapshot in snapshots.items():
+        """Replace each swept layer's weights by ``weight_update``'s; each
+        snapshot (with its per-row Fisher) is dropped once used."""
+        for module in list(snapshots):
+            snapshot = snapshots.pop(module)
             with torch.no_grad(), align_module_device(module):
                 host = standardized_weight(module)
                 new, before, after = updated_weight(
