@@ -7,7 +7,7 @@ On the CPU the process group is initialised here with gloo (LLM Compressor's
 ``init_dist`` needs an accelerator). Each rank is given its own contiguous
 shard of the calibration set, as ``llmcompressor.datasets.get_rank_partition``
 bounds it: LLM Compressor 0.14's own split of one dataset passed to every rank
-hands every rank the first shard's rows (docs/big-models.md, "Under torchrun"). Each run of
+hands every rank the first shard's rows (docs/big-models.md, Under torchrun). Each run of
 RUNS.json (a list) is
 
     {"name": str, "modifier": "MoonshotSparseGPTModifier" | "MoonshotWandaModifier",

@@ -6,7 +6,7 @@ calibrate on its own shard of the calibration set; 0.14's own split of one
 ``datasets.Dataset`` passed to every rank is broken (its sampler indexes the
 unsplit set with the shard's row numbers, so every rank reads the first
 shard), so each rank must be given its own shard, which oneshot then uses
-as it is (docs/big-models.md, "Under torchrun"); :func:`check_ranks_agree` stops a run whose ranks
+as it is (docs/big-models.md, Under torchrun); :func:`check_ranks_agree` stops a run whose ranks
 share their samples. Every rank runs the gradient pass and the host's
 calibration on its own shard, so every statistic that is a sum or mean over
 samples is reduced here:
@@ -155,7 +155,7 @@ def _check_shards(shards: list[list[str]]) -> None:
                     f"({counts[first]} and {counts[second]} each): every rank needs its own "
                     "shard of the calibration set. LLM Compressor 0.14 gives every rank the "
                     "first shard when all ranks pass the same dataset; pass each rank its own "
-                    "(docs/big-models.md, "Under torchrun"). Nothing was changed"
+                    "(docs/big-models.md, Under torchrun). Nothing was changed"
                 )
 
 
