@@ -120,7 +120,7 @@ def test_the_gradient_pass_keeps_each_samples_weight_gradient_as_row_factors(tin
     layer = model.model.layers[1].self_attn.q_proj
     records, used = collect_layer_statistics(
         model, loader, {"q_proj": layer}, statistic="matrix", taylor_weight=0.5, fisher_mode="sample",
-        fisher_samples=None, offload_fisher=False, gradient_dtype="float32", checkpoint_modules=[],
+        fisher_samples=None, offload_fisher=False, gradient_dtype="float32", blocks=list(model.model.layers),
         desc="test", row_factors=True, row_factor_rank=rank,
     )
     record = records[layer]
