@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from moonshot_plugins.core.collector import FisherCollector
 from moonshot_plugins.core.gradient_pass import (
     batch_size_of,
     check_losses,
+    forwards_replaced,
     truncate_batch,
     frozen_parameters,
     release_freed_memory,
@@ -124,19 +126,8 @@ def blocks_bypassed(blocks: Sequence[nn.Module], output: Any) -> Iterator[None]:
         received.append((args[1:], kwargs))
         return output
 
-    patched = []
-    try:
-        for index, block in enumerate(blocks):
-            own = block.__dict__.get("forward")  # e.g. an offloading wrapper
-            block.forward = lambda *a, _i=index, **k: bypass(_i, *a, **k)
-            patched.append((block, own))
+    with forwards_replaced(blocks, lambda index, _: partial(bypass, index)):
         yield
-    finally:
-        for block, own in patched:
-            if own is None:
-                del block.forward
-            else:
-                block.forward = own
 
 
 def _same_call(a: Any, b: Any) -> bool:

@@ -74,6 +74,28 @@ _MALLOC_TRIM = _find_malloc_trim()
 
 
 @contextmanager
+def forwards_replaced(
+    modules: Iterable[nn.Module], new_forward: Callable[[int, nn.Module], Callable[..., Any]]
+) -> Iterator[None]:
+    """Each module's ``forward`` replaced by ``new_forward(index, module)``
+    while inside; after, the module's own instance attribute (e.g. an
+    offloading wrapper) is restored, or the class's forward is used again."""
+    patched = []
+    try:
+        for index, module in enumerate(modules):
+            own = module.__dict__.get("forward")
+            module.forward = new_forward(index, module)
+            patched.append((module, own))
+        yield
+    finally:
+        for module, own in patched:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+
+
+@contextmanager
 def activation_checkpointing(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Run each module under non-reentrant activation checkpointing: its
     internal activations are recomputed in backward instead of kept, so a
@@ -83,19 +105,8 @@ def activation_checkpointing(modules: Iterable[nn.Module]) -> Iterator[None]:
     hooks registered during the recomputation never fire."""
     from torch.utils.checkpoint import checkpoint
 
-    patched = []
-    try:
-        for module in modules:
-            own = module.__dict__.get("forward")  # e.g. an offloading wrapper
-            module.forward = partial(checkpoint, module.forward, use_reentrant=False)
-            patched.append((module, own))
+    with forwards_replaced(modules, lambda _, module: partial(checkpoint, module.forward, use_reentrant=False)):
         yield
-    finally:
-        for module, own in patched:
-            if own is None:
-                del module.forward
-            else:
-                module.forward = own
 
 
 def run_gradient_pass(
