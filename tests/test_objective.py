@@ -43,6 +43,21 @@ def test_zero_fisher_falls_back_to_reconstruction():
     torch.testing.assert_close(combine_hessians(h, torch.zeros(6, 6), 0.5), 0.5 * h)
 
 
+def test_zero_fisher_at_taylor_only_is_an_error():
+    """At lam 1 a zero Fisher leaves a zero curvature, which the hosts would
+    turn into a fully pruned layer without a word."""
+    from moonshot_plugins.core import token_objective_weights
+
+    with pytest.raises(ValueError, match="Fisher is zero.*taylor_weight 1"):
+        combine_hessians(spd(6, 0), torch.zeros(6, 6), 1.0)
+    with pytest.raises(ValueError, match="Fisher is zero.*taylor_weight 1"):
+        combine_diagonal(torch.rand(6) + 0.1, torch.zeros(4, 6), 1.0)
+    with pytest.raises(ValueError, match="Fisher is zero.*taylor_weight 1"):
+        token_objective_weights(torch.zeros(3, 5), energy=2.0, weighted_energy=0.0, taylor_weight=1.0)
+    # below lam 1 the reconstruction term carries the objective, as before
+    assert torch.equal(token_objective_weights(torch.zeros(3, 5), 2.0, 0.0, 0.5), torch.full((3, 5), 0.5))
+
+
 def test_combine_diagonal_matches_definition():
     r = torch.rand(8) + 0.1
     fd = torch.rand(4, 8)

@@ -390,3 +390,15 @@ def test_recalibrate_batchnorm_sets_the_running_statistics_of_the_data():
     with pytest.raises(ValueError, match="loader yields no image"):
         recalibrate_batchnorm(model, [])
     assert torch.equal(model[1].running_mean, saved)
+
+
+def test_taylor_only_on_a_layer_without_gradient_names_it_and_changes_nothing():
+    """timm's ResNet starts each residual block's last BatchNorm at scale 0, so
+    no gradient reaches the convolutions before it: at lam 1 those layers have
+    no objective, and pruning them would zero them whole."""
+    model = tiny_model(RESNET)
+    before = weights(model)
+    with pytest.raises(ValueError, match=r"layer \S+: the layer's Fisher is zero"):
+        moonshot_prune(model, calibration(), sparsity=0.5, taylor_weight=1.0)
+    after = weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)

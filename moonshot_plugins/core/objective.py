@@ -52,9 +52,20 @@ def mean_diagonal(matrix: torch.Tensor) -> torch.Tensor:
     return torch.diagonal(matrix).mean()
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+ZERO_FISHER_TAYLOR_ONLY = (
+    "the layer's Fisher is zero (no gradient reached it), so taylor_weight 1 "
+    "(Taylor only) leaves it no objective and every weight would be pruned; "
+    "use taylor_weight < 1 or leave the layer out of the targets"
+)
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor, lam: float) -> torch.Tensor:
     # A layer that saw no gradient (den == 0) contributes no Taylor term rather
-    # than NaNs; the reconstruction term then carries the whole objective.
+    # than NaNs; the reconstruction term then carries the whole objective. At
+    # lam 1 there is no reconstruction term to carry it: the combined curvature
+    # would be zero and the host would prune the whole layer, silently.
+    if lam == 1.0 and not bool(den > 0):
+        raise ValueError(ZERO_FISHER_TAYLOR_ONLY)
     return torch.where(den > 0, num / den.clamp(min=torch.finfo(den.dtype).tiny), 0.0)
 
 
@@ -77,7 +88,7 @@ def combine_hessians(
             f"fisher shape {tuple(fisher.shape)} != hessian shape {tuple(hessian.shape)}"
         )
     fisher = fisher.to(device=hessian.device, dtype=hessian.dtype)
-    scale = _ratio(mean_diagonal(hessian), mean_diagonal(fisher))
+    scale = _ratio(mean_diagonal(hessian), mean_diagonal(fisher), lam)
     return (1.0 - lam) * hessian + (lam * scale) * fisher
 
 
@@ -104,7 +115,7 @@ def combine_diagonal(
             f"got {tuple(diagonal_fisher.shape)}"
         )
     diagonal_fisher = diagonal_fisher.to(device=row_scalars.device, dtype=row_scalars.dtype)
-    scale = _ratio(row_scalars.mean(), diagonal_fisher.mean())
+    scale = _ratio(row_scalars.mean(), diagonal_fisher.mean(), lam)
     return (1.0 - lam) * row_scalars.reshape(1, -1) + (lam * scale) * diagonal_fisher
 
 
@@ -141,6 +152,8 @@ def token_objective_weights(
     lam = validate_taylor_weight(taylor_weight)
     if not 0.0 < fisher_fraction <= 1.0:
         raise ValueError(f"fisher_fraction must be in (0, 1], got {fisher_fraction}")
+    if lam == 1.0 and not weighted_energy > 0:
+        raise ValueError(ZERO_FISHER_TAYLOR_ONLY)
     scale = energy / weighted_energy if weighted_energy > 0 else 0.0
     return (1.0 - lam) + (lam * scale / fisher_fraction) * token_weights.float()
 

@@ -252,9 +252,12 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
                         self._hessians[module].float().clone(), statistics.fisher,
                         statistics.row_factors, statistics.taylor_weight,
                     )
-                self._hessians[module] = combine_hessians(
-                    self._hessians[module], statistics.fisher, statistics.taylor_weight
-                )
+                try:
+                    self._hessians[module] = combine_hessians(
+                        self._hessians[module], statistics.fisher, statistics.taylor_weight
+                    )
+                except ValueError as error:
+                    raise ValueError(f"layer {self._module_names[module].rstrip('.')}: {error}") from error
         return row_fishers
 
     def _scale_rows(self) -> dict[torch.nn.Module, torch.Tensor]:

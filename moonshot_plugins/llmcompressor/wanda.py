@@ -124,7 +124,10 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
                 fisher, lam = (None, 0.0) if statistics is None else (statistics.fisher, statistics.taylor_weight)
                 del statistics  # frees the layer's Fisher record before the scores are built
                 with torch.no_grad(), align_module_device(module), CompressionLogger(module):
-                    pruned = self._pruned_weight(module, fisher, lam)
+                    try:
+                        pruned = self._pruned_weight(module, fisher, lam)
+                    except ValueError as error:
+                        raise ValueError(f"layer {name.rstrip('.')}: {error}") from error
                 update_offload_parameter(module, "weight", pruned)
                 del self._num_samples[module]
             release_freed_memory()  # as in MoonshotSparseGPTModifier.compress_modules

@@ -112,7 +112,10 @@ def prune_layer(
     :param taylor_weight: lam in [0, 1]; at 0 the host's Hessian is used as is
     """
     if fisher is not None:
-        hessian = combine_hessians(hessian, fisher, taylor_weight)
+        try:
+            hessian = combine_hessians(hessian, fisher, taylor_weight)
+        except ValueError as error:
+            raise ValueError(f"layer {name}: {error}") from error
     snapshot = None
     if settings.weight_update != "host":
         # the host's solver modifies the Hessian in place
