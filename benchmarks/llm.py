@@ -26,6 +26,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -383,34 +384,51 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+PROTOCOL_START, PROTOCOL_END = "<!-- protocol:start -->", "<!-- protocol:end -->"
+
+
 def write_protocol_block(doc: dict[str, Any], output: pathlib.Path, tables: list[str]) -> None:
-    """Put the protocol tables of a results file into docs/results.md (between
-    the protocol markers), with the command, machine, dates and commits."""
+    """Put the protocol tables of a results file into docs/results.md, between
+    the protocol markers, as that file's own section (with its command,
+    machine, dates and commits). Sections of other results files are kept, so
+    each host or setting can live in its own file."""
     from benchmarks.protocol import CLEARLY_BELOW
 
     runs = [r for r in doc["runs"] if "calib_source" in r]
     codes = ", ".join(sorted({r.get("code", "?") for r in runs}))
+    settings = doc["settings"]
+    section = [
+        f"<!-- results:{output.name} -->",
+        f"Evaluation texts: the first {settings['eval_tokens']} tokens, context {settings['context']}; "
+        f"{settings['calib_samples']} x {settings['seq_len']} calibration tokens. "
+        f"Command: `{doc['command']}` ([raw results]({os.path.relpath(output, ROOT / 'docs')})); "
+        f"machine: {doc['machine']}; {doc['date']}; code {codes}.",
+        *tables,
+        f"<!-- results:{output.name}:end -->",
+    ]
     header = [
         "## The evaluation protocol: ratio to the host over calibration draws",
         "",
-        f"Each cell: mean ± standard error over calibration draws (seeds 0, 1, 2) of the "
-        f"perplexity ratio to the host run on the same draw; rows: calibration source -> "
-        f"evaluation text (first {doc['settings']['eval_tokens']} tokens, context "
-        f"{doc['settings']['context']}); {doc['settings']['calib_samples']} x "
-        f"{doc['settings']['seq_len']} calibration tokens. Verdict: *helps* = mean below 1 in "
-        f"every cell and mean + {CLEARLY_BELOW:g} s.e. below 1 in more than half; *mixed* = "
-        "below 1 everywhere but not clearly; *loses somewhere* = a mean at or above 1. "
-        "A row with fewer than 3 draws per cell is incomplete.",
-        "",
-        f"Command: `{doc['command']}` ([raw results]({os.path.relpath(output, ROOT / 'docs')})); "
-        f"machine: {doc['machine']}; {doc['date']}; code {codes}.",
+        "Each cell: mean ± standard error over calibration draws (seeds 0, 1, 2) of the "
+        "perplexity ratio to the host run on the same draw; rows: calibration source -> "
+        f"evaluation text. Verdict: *helps* = mean below 1 in every cell and mean + "
+        f"{CLEARLY_BELOW:g} s.e. below 1 in more than half; *mixed* = below 1 everywhere but "
+        "not clearly; *loses somewhere* = a mean at or above 1. A row with fewer than 3 draws "
+        "per cell is incomplete.",
     ]
     page = ROOT / "docs" / "results.md"
-    text = page.read_text()
-    start, end = "<!-- protocol:start -->", "<!-- protocol:end -->"
-    before, rest = text.split(start)
-    _, after = rest.split(end)
-    page.write_text(before + start + "\n" + "\n".join(header + tables) + "\n" + end + after)
+    before, rest = page.read_text().split(PROTOCOL_START)
+    block, after = rest.split(PROTOCOL_END)
+    sections = protocol_sections(block)
+    sections[output.name] = "\n".join(section)
+    body = "\n\n".join(["\n".join(header), *sections.values()])
+    page.write_text(before + PROTOCOL_START + "\n" + body + "\n" + PROTOCOL_END + after)
+
+
+def protocol_sections(block: str) -> dict[str, str]:
+    """The results files' sections of a protocol block, by file name, in page order."""
+    found = re.finditer(r"<!-- results:(\S+) -->\n.*?<!-- results:\1:end -->", block, flags=re.DOTALL)
+    return {match.group(1): match.group(0) for match in found}
 
 
 def protocol_tables(runs: list[dict[str, Any]], texts: tuple[str, ...]) -> list[str]:

@@ -89,3 +89,35 @@ def test_report_rewrites_only_its_block_and_leaves_run_notes_in_the_json(tmp_pat
     assert "old block" not in text and "a run note" not in text
     assert f"| 2:4 | Wanda | 10.00 | 10.00 | 100.0 | 1000 | {report.UNRECORDED_CODE} |" in text
     assert "| abc1234 |" in text
+
+
+def test_protocol_block_keeps_one_section_per_results_file(tmp_path, monkeypatch):
+    """Writing one results file's protocol tables replaces its own section of
+    the block and keeps the other files' sections and the rest of the page."""
+    import pathlib
+
+    from benchmarks import llm
+
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    page.write_text(f"# Results\n\n{llm.PROTOCOL_START}\nold, unsectioned\n{llm.PROTOCOL_END}\n\nrest\n")
+    monkeypatch.setattr(llm, "ROOT", tmp_path)
+
+    def doc(command: str) -> dict:
+        return {"command": command, "machine": "2 cores", "date": "2026-12-01",
+                "settings": {"eval_tokens": 8192, "context": 1024, "calib_samples": 32, "seq_len": 512},
+                "runs": [{"calib_source": "austen", "code": "abc1234"}]}
+
+    sparsegpt, wanda = tmp_path / "sparsegpt.json", tmp_path / "wanda.json"
+    llm.write_protocol_block(doc("run sparsegpt"), sparsegpt, ["sparsegpt table v1"])
+    llm.write_protocol_block(doc("run wanda"), wanda, ["wanda table"])
+    llm.write_protocol_block(doc("run sparsegpt"), sparsegpt, ["sparsegpt table v2"])
+    text = page.read_text()
+    assert text.startswith("# Results\n\n") and text.endswith(f"{llm.PROTOCOL_END}\n\nrest\n")
+    assert "old, unsectioned" not in text and "sparsegpt table v1" not in text
+    block = text.split(llm.PROTOCOL_START)[1].split(llm.PROTOCOL_END)[0]
+    assert list(llm.protocol_sections(block)) == ["sparsegpt.json", "wanda.json"]
+    assert text.index("sparsegpt table v2") < text.index("wanda table")
+    assert "`run wanda`" in text and "(../wanda.json)" in text
+    assert text.count("## The evaluation protocol") == 1
+    assert pathlib.Path(page).read_text().count("code abc1234") == 2
