@@ -32,7 +32,7 @@ import subprocess
 import sys
 from typing import Any
 
-from benchmarks.llm import _code_version, _data, make_plan, machine_description, over_draws, prune
+from benchmarks.llm import _data, code_version, make_plan, machine_description, over_draws, prune
 from benchmarks.report import _label
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(json.dumps({
         "command": "python -m benchmarks.layer_errors " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_description(),
-        "date": str(datetime.date.today()), "code": _code_version(), "settings": SETTINGS, "sparsity": args.sparsity, "calib_source": args.calib_source, "draw": args.draw,
+        "date": str(datetime.date.today()), "code": code_version(), "settings": SETTINGS, "sparsity": args.sparsity, "calib_source": args.calib_source, "draw": args.draw,
         "methods": labels, "errors": errors,
     }, indent=1) + "\n")
     for label in labels[1:]:

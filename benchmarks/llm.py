@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.write(child.stderr[-4000:])
                 raise SystemExit(f"run failed: {label}")
             result = json.loads(lines[-1][len("RESULT "):])
-            result["code"] = _code_version()
+            result["code"] = code_version()
             doc["runs"].append(result)
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(doc, indent=1) + "\n")
@@ -480,14 +480,14 @@ def _print_cost_pairs(runs: list[dict[str, Any]]) -> None:
               f"MOONSHOT {ours['prune_seconds']:.1f} s; ratios {ratios}")
 
 
-def _code_version() -> str:
-    """The commit the run measured, "+dirty" when the measured code (the package
-    or this file) had uncommitted changes."""
+def code_version(measured: tuple[str, ...] = ("moonshot_plugins", "benchmarks/llm.py")) -> str:
+    """The commit the run measured, "+dirty" when the measured code (paths
+    relative to the repository root) had uncommitted changes."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", "moonshot_plugins", "benchmarks/llm.py")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", *measured)
     return commit + ("+dirty" if changed else "")
 
 

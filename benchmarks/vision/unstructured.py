@@ -52,7 +52,6 @@ import functools
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -71,7 +70,7 @@ from models import MODEL_NAMES, accuracy, load_split, load_trained  # noqa: E402
 from report import HEADLINE_SPARSITY, plot_unstructured, unstructured_report  # noqa: E402
 from run import CALIB_PHOTOS, EVAL_PHOTOS, agreement_and_kl, batches_of, skimage_photo_crops  # noqa: E402
 
-from benchmarks.llm import machine_description, run_key  # noqa: E402
+from benchmarks.llm import code_version, machine_description, run_key  # noqa: E402
 from moonshot_plugins.vision import DEFAULT_VISION_TAYLOR_WEIGHT, moonshot_prune, recalibrate_batchnorm  # noqa: E402
 from moonshot_plugins.vision.layers import DEFAULT_TARGETS, select_layers  # noqa: E402
 
@@ -278,15 +277,6 @@ def check_trained(models: list[str]) -> None:
             raise SystemExit(f"error: {exc}; nothing was run") from exc
 
 
-def code_version() -> str:
-    """The commit measured, "+dirty" when the package or this folder had uncommitted changes."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", "moonshot_plugins", "benchmarks/vision")
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if changed else "")
-
-
 def write_atomically(path: pathlib.Path, doc: dict[str, Any]) -> None:
     """Write ``doc`` as JSON to a temporary file beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -299,7 +289,7 @@ def run_plan(doc: dict[str, Any], plan: list[dict[str, Any]], output: pathlib.Pa
     """Run ``plan``, appending each record to ``doc`` and rewriting ``output`` after each."""
     check_trained(list(dict.fromkeys(run["model"] for run in plan)))
     loaded: tuple[str, ModelData] | None = None
-    code = code_version()
+    code = code_version(("moonshot_plugins", "benchmarks/vision"))
     for run in tqdm(plan, desc="vision unstructured runs"):
         if loaded is None or loaded[0] != run["model"]:
             loaded = (run["model"], model_data(run["model"], doc["settings"], device))
