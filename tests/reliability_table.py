@@ -169,6 +169,11 @@ def _write(name: str, text: str) -> Callable[[pathlib.Path], pathlib.Path]:
     return path
 
 
+def _silent_attention(model) -> None:
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+
+
 def _nan_weight(model) -> None:
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
@@ -227,6 +232,8 @@ def run_rows(ws: Workspace) -> list[Row]:
               dict(two_four, taylor_weight=0.0), poison=_nan_weight),
         prune(ws, area, "activations overflow to inf on calibration sample 2", "MoonshotWandaModifier", two_four,
               loader=_batches([[5, 6, 8, 9, 10, 11]] * 2 + [[5, 6, 7, 9, 10, 11]]), poison=_overflowing_sample),
+        prune(ws, area, "`taylor_weight: 1` where no gradient reaches a layer (layer 0's `o_proj` zero)",
+              "MoonshotSparseGPTModifier", dict(two_four, taylor_weight=1.0), poison=_silent_attention),
         prune(ws, area, "2:4 on a layer of width 126", "MoonshotSparseGPTModifier", two_four, model_dir=ws.odd_model_dir),
         prune(ws, area, "`mask_structure: 2:3` on widths 64 and 128 (Wanda)", "MoonshotWandaModifier",
               dict(mask_structure="2:3", ignore=["re:.*lm_head"])),

@@ -70,6 +70,34 @@ def test_a_nan_weight_stops_the_run_naming_it(tiny_llama_dir, loader, tmp_path, 
     assert "got nan" not in message
 
 
+@pytest.mark.parametrize(
+    "cls, extra",
+    [
+        (MoonshotSparseGPTModifier, {}),
+        (MoonshotSparseGPTModifier, {"fisher_mode": "sample"}),
+        (MoonshotWandaModifier, {}),
+    ],
+    ids=["sparsegpt", "sparsegpt-sample", "wanda"],
+)
+def test_taylor_only_stops_before_any_change_when_no_gradient_reaches_a_layer(
+    tiny_llama_dir, loader, tmp_path, cls, extra
+):
+    """With layer 0's o_proj zero, no gradient reaches its q/k/v projections:
+    at lam 1 they have no objective, and the host would prune them whole.
+    The run stops after the gradient pass, before the first layer is
+    compressed, naming all three."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+    message = fails_before_any_change(
+        model, cls(**TWO_FOUR, taylor_weight=1.0, **extra), loader, tmp_path,
+        r"layers \[.*\]: the layer's Fisher is zero .*nothing was changed",
+    )
+    for projection in ("q_proj", "k_proj", "v_proj"):
+        assert f"model.layers.0.self_attn.{projection}" in message
+    assert "layers.1." not in message and "o_proj" not in message
+
+
 def test_a_non_finite_loss_names_the_sample(tiny_llama_dir, tmp_path):
     """Finite weights, but the activations of sample 2 overflow (simulated by a
     hook turning the embedding of token 7 into inf)."""

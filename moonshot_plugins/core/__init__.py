@@ -80,6 +80,7 @@ from moonshot_plugins.core.losses import (
 )
 from moonshot_plugins.core.objective import (
     AUTO,
+    ZERO_FISHER_TAYLOR_ONLY,
     auto_taylor_weight,
     auto_taylor_weight_from_moments,
     combine_diagonal,
@@ -156,6 +157,7 @@ __all__ = [
     "token_objective_weights",
     "token_weight_moments",
     "validate_taylor_weight",
+    "ZERO_FISHER_TAYLOR_ONLY",
     "moonshot_wanda_scores",
     "row_wise_mask",
     "OBJECTIVE_SCALES",

@@ -75,6 +75,13 @@ class LayerTaylorStatistics:
     row_sensitivities: torch.Tensor | None = None
     row_factors: torch.Tensor | None = None
 
+    def reached_by_gradient(self) -> bool:
+        """Whether the layer's Fisher is not zero: some calibration position
+        sent it a gradient."""
+        if self.token_energies is not None:
+            return self.token_energies[1] > 0
+        return self.fisher is None or bool(self.fisher.abs().sum() > 0)
+
 
 def collect_layer_statistics(
     model: torch.nn.Module,

@@ -15,6 +15,7 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_T
 from moonshot_plugins.core import (
     AUTO,
     AUTO_DTYPE,
+    ZERO_FISHER_TAYLOR_ONLY,
     NonFiniteError,
     check_finite_parameters,
     describe_non_finite,
@@ -261,6 +262,18 @@ class MoonshotModifierMixin(BaseModel):
                 f"{type(self).__name__} needs at least one calibration sample{tokens}"
             )
 
+    def _check_taylor_only_layers_have_fisher(self) -> None:
+        """At lam 1 a layer no gradient reached has no objective left, and the
+        host would prune all of it. Checked on the statistics of all ranks,
+        before the first layer is compressed, naming every such layer."""
+        names = {module: name for name, module in self._moonshot_modules().items()}
+        unreached = [
+            names[module].rstrip(".") for module, record in self._layer_statistics.items()
+            if record.taylor_weight == 1.0 and not record.reached_by_gradient()
+        ]
+        if unreached:
+            raise ValueError(f"layers {unreached}: {ZERO_FISHER_TAYLOR_ONLY}; nothing was changed")
+
     def on_finalize(self, state: State, **kwargs) -> bool:
         """Drop every MOONSHOT statistic, then the host's finalization."""
         self._layer_statistics = dict()
@@ -312,6 +325,7 @@ class MoonshotModifierMixin(BaseModel):
                 **self._row_factor_options(),
             )
         reduce_layer_statistics(self._layer_statistics, used, self.taylor_weight)
+        self._check_taylor_only_layers_have_fisher()
         if statistic == "token_weights":
             self._token_reweighting = TokenReweighting(
                 global_sampled_fraction(sampled_fraction(dataloader, used), used)
