@@ -66,7 +66,7 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     ``all`` adds sample mode and magnitude; ``sweep`` the lam sweep at 2:4 and
     60%. ``heldout`` is for ``--eval-set heldout``: the modelling choices
     (SparseGPT: fixed lams, ``auto``, fewer gradient samples at 2:4,
-    ``row_weights`` at 60%/70%; Wanda: lam 0.5 vs ``auto``) scored on a
+    ``row_weights`` at 60%/70%; Wanda: lam 0.5, ``auto``, 0.25) scored on a
     held-out slice of the calibration side, to choose defaults without the
     evaluation text. ``cost`` reruns each host next to MOONSHOT at its
     defaults (time, peak RSS, peak anonymous memory; use its own ``--output``).
@@ -89,9 +89,9 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     runs: list[dict[str, Any]] = [_run("dense", "0")]
     if plan == "heldout":
         for sp in (s for s in ("2:4", "0.6", "0.7") if s in sparsities):
-            if "wanda" in hosts:  # Wanda's default: the fixed lam or the per-layer rule
+            if "wanda" in hosts:  # Wanda's default: a fixed lam or the per-layer rule
                 runs.append(_run("host", sp, "wanda"))
-                runs += [_moonshot(sp, "wanda", lam) for lam in (DEFAULT_LAM, "auto")]
+                runs += [_moonshot(sp, "wanda", lam) for lam in (DEFAULT_LAM, "auto", 0.25)]
             for host in (h for h in hosts if h == "sparsegpt"):
                 runs.append(_run("host", sp, host))
                 if sp == "2:4":  # the default lam rule, and fewer gradient samples
