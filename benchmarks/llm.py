@@ -6,16 +6,20 @@
     python -m benchmarks.llm --plan cost --sparsity 2:4 --output benchmarks/results/cost.json
                                                    # fresh host / MOONSHOT pairs: time and memory
 
-Calibration: ``--calib-samples`` x ``--seq-len`` tokens of Emma, Pride and
-Prejudice and Sense and Sensibility. Evaluation (disjoint): the first
-``--eval-tokens`` tokens of Persuasion and of the Python tutorial, context 1024.
+Calibration and evaluation follow :mod:`benchmarks.protocol`: ``--draws``
+draws of ``--calib-samples`` x ``--seq-len`` tokens from each calibration
+source (Austen novels, Python docs), scored on the first ``--eval-tokens``
+tokens of each evaluation text (``--eval-set test``) or of the held-out texts
+that choose defaults (``--eval-set heldout``), context ``--context``.
 
 Every run is a separate child process, so its wall time and peak RSS belong to
 that run alone; host and MOONSHOT runs of one setting are adjacent in the plan
 (paired under the same machine load). Results are appended to the JSON file
 after every run; a rerun skips runs already recorded there with the same
 settings, so the plan can be finished over several invocations.
-docs/results.md is redrawn from a results file by ``python -m benchmarks.report``.
+The protocol plans (``defaults``, ``solver``) rewrite their own section of
+docs/results.md (:func:`benchmarks.report.write_protocol_block`); the older
+single-draw tables are redrawn by ``python -m benchmarks.report``.
 """
 
 from __future__ import annotations
@@ -26,15 +30,14 @@ import json
 import os
 import pathlib
 import platform
-import re
 import resource
 import subprocess
 import sys
 import time
 from typing import Any
 
-from benchmarks.protocol import CALIBRATION_SOURCES, EVALUATION_TEXTS, HELDOUT_TEXTS, paired_ratios, ratio_table
-from benchmarks.report import _label, cost_pairs, default_settings
+from benchmarks.protocol import CALIBRATION_SOURCES, EVALUATION_TEXTS, HELDOUT_TEXTS, RUN_KEYS
+from benchmarks.report import default_settings, print_cost_pairs, protocol_tables, write_protocol_block
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -50,7 +53,6 @@ def _run(method: str, sparsity: str, host: str | None = None, lam: float | str |
     return {**run, "options": options} if options else run
 
 
-RUN_KEYS = ("method", "sparsity", "host", "lam", "fisher_mode", "options", "calib_source", "draw")
 PLANS = ("all", "2of4", "unstructured", "core", "sweep", "heldout", "cost", "defaults", "solver")
 WEIGHT_UPDATES = ("resolve", "admm")
 HOST_WEIGHT_UPDATES = {"sparsegpt": ("resolve", "admm"), "wanda": ("resolve",)}  # Wanda's ADMM: none
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             output.write_text(json.dumps(doc, indent=1) + "\n")
             print("   ", {k: round(v, 2) for k, v in result.items() if isinstance(v, float)}, flush=True)
     if args.plan == "cost":
-        _print_cost_pairs(doc["runs"])
+        print_cost_pairs(doc["runs"])
         return 0
     texts = HELDOUT_TEXTS if args.eval_set == "heldout" else EVALUATION_TEXTS
     tables = protocol_tables(doc["runs"], texts)  # held-out tables: for choosing defaults only
@@ -382,102 +384,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_set == "test" and args.plan in ("defaults", "solver"):
         write_protocol_block(doc, output, tables)
     return 0
-
-
-PROTOCOL_START, PROTOCOL_END = "<!-- protocol:start -->", "<!-- protocol:end -->"
-
-
-def write_protocol_block(doc: dict[str, Any], output: pathlib.Path, tables: list[str]) -> None:
-    """Put the protocol tables of a results file into docs/results.md, between
-    the protocol markers, as that file's own section (with its command,
-    machine, dates and commits). Sections of other results files are kept, so
-    each host or setting can live in its own file."""
-    from benchmarks.protocol import CLEARLY_BELOW
-
-    runs = [r for r in doc["runs"] if "calib_source" in r]
-    codes = ", ".join(sorted({r.get("code", "?") for r in runs}))
-    settings = doc["settings"]
-    section = [
-        f"<!-- results:{output.name} -->",
-        f"Evaluation texts: the first {settings['eval_tokens']} tokens, context {settings['context']}; "
-        f"{settings['calib_samples']} x {settings['seq_len']} calibration tokens. "
-        f"Command: `{doc['command']}` ([raw results]({os.path.relpath(output, ROOT / 'docs')})); "
-        f"machine: {doc['machine']}; {doc['date']}; code {codes}.",
-        *tables,
-        f"<!-- results:{output.name}:end -->",
-    ]
-    header = [
-        "## The evaluation protocol: ratio to the host over calibration draws",
-        "",
-        "Each cell: mean ± standard error over calibration draws (seeds 0, 1, 2) of the "
-        "perplexity ratio to the host run on the same draw; rows: calibration source -> "
-        f"evaluation text. Verdict: *helps* = mean below 1 in every cell and mean + "
-        f"{CLEARLY_BELOW:g} s.e. below 1 in more than half; *mixed* = below 1 everywhere but "
-        "not clearly; *loses somewhere* = a mean at or above 1. A row with fewer than 3 draws "
-        "per cell is incomplete.",
-    ]
-    page = ROOT / "docs" / "results.md"
-    before, rest = page.read_text().split(PROTOCOL_START)
-    block, after = rest.split(PROTOCOL_END)
-    sections = protocol_sections(block)
-    sections[output.name] = "\n".join(section)
-    body = "\n\n".join(["\n".join(header), *sections.values()])
-    page.write_text(before + PROTOCOL_START + "\n" + body + "\n" + PROTOCOL_END + after)
-
-
-def protocol_sections(block: str) -> dict[str, str]:
-    """The results files' sections of a protocol block, by file name, in page order."""
-    found = re.finditer(r"<!-- results:(\S+) -->\n.*?<!-- results:\1:end -->", block, flags=re.DOTALL)
-    return {match.group(1): match.group(0) for match in found}
-
-
-def protocol_tables(runs: list[dict[str, Any]], texts: tuple[str, ...]) -> list[str]:
-    """One markdown table per (sparsity, host): every configuration's paired
-    ratio to the host per (calibration source, text) cell, mean ± s.e."""
-    lines = []
-    runs = [r for r in runs if "calib_source" in r]
-    for sparsity, host in dict.fromkeys((r["sparsity"], r["host"]) for r in runs if r["method"] == "host"):
-        setting = [r for r in runs if r["sparsity"] == sparsity and r["host"] in (host, None)]
-        configs = dict.fromkeys(_config(r) for r in setting if r["method"] not in ("host", "dense"))
-        rows = [(_label(json.loads(c)), paired_ratios(setting, lambda r, c=c: _config(r) == c, texts)) for c in configs]
-        lines += [f"\n{sparsity} {host}: ratio to the host, mean ± s.e. over draws", *ratio_table(rows, texts)]
-        lines += _taylor_gain_table(setting, configs, texts, f"{sparsity} {host}")
-    return lines
-
-
-def _taylor_gain_table(setting: list[dict[str, Any]], configs, texts: tuple[str, ...], name: str) -> list[str]:
-    """What the Taylor term adds at equal solver: each weight update at its
-    default lam paired with the same update at lam 0, draw by draw."""
-    rows = []
-    for config in configs:
-        mine = json.loads(config)
-        if mine["lam"] == 0.0 or "weight_update" not in mine.get("options", {}):
-            continue
-        plain = _config({**mine, "lam": 0.0})
-        if plain not in configs:
-            continue
-        cells = paired_ratios(setting, lambda r, c=config: _config(r) == c, texts,
-                              baseline=lambda r, c=plain: _config(r) == c)
-        rows.append((f"weight_update={mine['options']['weight_update']}: lam={mine['lam']} / lam=0", cells))
-    if not rows:
-        return []
-    return [f"\n{name}: the Taylor term at equal solver (ratio to the same weight update at lam 0)",
-            *ratio_table(rows, texts)]
-
-
-def _config(run: dict[str, Any]) -> str:
-    """A run's method configuration (everything but calibration source and draw), as JSON."""
-    return json.dumps({k: run[k] for k in RUN_KEYS[:6] if k in run}, sort_keys=True)
-
-
-def _print_cost_pairs(runs: list[dict[str, Any]]) -> None:
-    """MOONSHOT / host ratios of time, peak RSS and peak anonymous memory, per
-    setting's last adjacent pair (the pairs the report judges)."""
-    for base, ours in cost_pairs(runs).values():
-        ratios = {key: round(ours[key] / base[key], 2)
-                  for key in ("prune_seconds", "peak_rss_mb", "peak_anonymous_mb") if key in base}
-        print(f"{base['sparsity']:>4} {base['host']:9} host {base['prune_seconds']:.1f} s -> "
-              f"MOONSHOT {ours['prune_seconds']:.1f} s; ratios {ratios}")
 
 
 def code_version(measured: tuple[str, ...] = ("moonshot_plugins", "benchmarks/llm.py")) -> str:

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import re
 import sys
 from typing import Any
+
+from benchmarks.protocol import CLEARLY_BELOW, RUN_KEYS, paired_ratios, ratio_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "docs" / "results.md"
@@ -294,6 +298,101 @@ def write_llm_report(results_json: pathlib.Path) -> None:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_MD.write_text(text)
+
+
+# -- the protocol block: one section per results file -----------------------
+PROTOCOL_START, PROTOCOL_END = "<!-- protocol:start -->", "<!-- protocol:end -->"
+
+
+def write_protocol_block(doc: dict[str, Any], output: pathlib.Path, tables: list[str]) -> None:
+    """Put the protocol tables of a results file into docs/results.md, between
+    the protocol markers, as that file's own section (with its command,
+    machine, dates and commits). Sections of other results files are kept, so
+    each host or setting can live in its own file."""
+    runs = [r for r in doc["runs"] if "calib_source" in r]
+    codes = ", ".join(sorted({r.get("code", "?") for r in runs}))
+    settings = doc["settings"]
+    section = [
+        f"<!-- results:{output.name} -->",
+        f"Evaluation texts: the first {settings['eval_tokens']} tokens, context {settings['context']}; "
+        f"{settings['calib_samples']} x {settings['seq_len']} calibration tokens. "
+        f"Command: `{doc['command']}` ([raw results]({os.path.relpath(output, ROOT / 'docs')})); "
+        f"machine: {doc['machine']}; {doc['date']}; code {codes}.",
+        *tables,
+        f"<!-- results:{output.name}:end -->",
+    ]
+    header = [
+        "## The evaluation protocol: ratio to the host over calibration draws",
+        "",
+        "Each cell: mean ± standard error over calibration draws (seeds 0, 1, 2) of the "
+        "perplexity ratio to the host run on the same draw; rows: calibration source -> "
+        f"evaluation text. Verdict: *helps* = mean below 1 in every cell and mean + "
+        f"{CLEARLY_BELOW:g} s.e. below 1 in more than half; *mixed* = below 1 everywhere but "
+        "not clearly; *loses somewhere* = a mean at or above 1. A row with fewer than 3 draws "
+        "per cell is incomplete.",
+    ]
+    page = ROOT / "docs" / "results.md"
+    before, rest = page.read_text().split(PROTOCOL_START)
+    block, after = rest.split(PROTOCOL_END)
+    sections = protocol_sections(block)
+    sections[output.name] = "\n".join(section)
+    body = "\n\n".join(["\n".join(header), *sections.values()])
+    page.write_text(before + PROTOCOL_START + "\n" + body + "\n" + PROTOCOL_END + after)
+
+
+def protocol_sections(block: str) -> dict[str, str]:
+    """The results files' sections of a protocol block, by file name, in page order."""
+    found = re.finditer(r"<!-- results:(\S+) -->\n.*?<!-- results:\1:end -->", block, flags=re.DOTALL)
+    return {match.group(1): match.group(0) for match in found}
+
+
+def protocol_tables(runs: list[dict[str, Any]], texts: tuple[str, ...]) -> list[str]:
+    """One markdown table per (sparsity, host): every configuration's paired
+    ratio to the host per (calibration source, text) cell, mean ± s.e."""
+    lines = []
+    runs = [r for r in runs if "calib_source" in r]
+    for sparsity, host in dict.fromkeys((r["sparsity"], r["host"]) for r in runs if r["method"] == "host"):
+        setting = [r for r in runs if r["sparsity"] == sparsity and r["host"] in (host, None)]
+        configs = dict.fromkeys(_config(r) for r in setting if r["method"] not in ("host", "dense"))
+        rows = [(_label(json.loads(c)), paired_ratios(setting, lambda r, c=c: _config(r) == c, texts)) for c in configs]
+        lines += [f"\n{sparsity} {host}: ratio to the host, mean ± s.e. over draws", *ratio_table(rows, texts)]
+        lines += _taylor_gain_table(setting, configs, texts, f"{sparsity} {host}")
+    return lines
+
+
+def _taylor_gain_table(setting: list[dict[str, Any]], configs, texts: tuple[str, ...], name: str) -> list[str]:
+    """What the Taylor term adds at equal solver: each weight update at its
+    default lam paired with the same update at lam 0, draw by draw."""
+    rows = []
+    for config in configs:
+        mine = json.loads(config)
+        if mine["lam"] == 0.0 or "weight_update" not in mine.get("options", {}):
+            continue
+        plain = _config({**mine, "lam": 0.0})
+        if plain not in configs:
+            continue
+        cells = paired_ratios(setting, lambda r, c=config: _config(r) == c, texts,
+                              baseline=lambda r, c=plain: _config(r) == c)
+        rows.append((f"weight_update={mine['options']['weight_update']}: lam={mine['lam']} / lam=0", cells))
+    if not rows:
+        return []
+    return [f"\n{name}: the Taylor term at equal solver (ratio to the same weight update at lam 0)",
+            *ratio_table(rows, texts)]
+
+
+def _config(run: dict[str, Any]) -> str:
+    """A run's method configuration (everything but calibration source and draw), as JSON."""
+    return json.dumps({k: run[k] for k in RUN_KEYS[:6] if k in run}, sort_keys=True)
+
+
+def print_cost_pairs(runs: list[dict[str, Any]]) -> None:
+    """MOONSHOT / host ratios of time, peak RSS and peak anonymous memory, per
+    setting's last adjacent pair (the pairs the report judges)."""
+    for base, ours in cost_pairs(runs).values():
+        ratios = {key: round(ours[key] / base[key], 2)
+                  for key in ("prune_seconds", "peak_rss_mb", "peak_anonymous_mb") if key in base}
+        print(f"{base['sparsity']:>4} {base['host']:9} host {base['prune_seconds']:.1f} s -> "
+              f"MOONSHOT {ours['prune_seconds']:.1f} s; ratios {ratios}")
 
 
 def main(argv: list[str] | None = None) -> int:

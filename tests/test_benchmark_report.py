@@ -96,12 +96,12 @@ def test_protocol_block_keeps_one_section_per_results_file(tmp_path, monkeypatch
     the block and keeps the other files' sections and the rest of the page."""
     import pathlib
 
-    from benchmarks import llm
+    from benchmarks import report
 
     page = tmp_path / "docs" / "results.md"
     page.parent.mkdir()
-    page.write_text(f"# Results\n\n{llm.PROTOCOL_START}\nold, unsectioned\n{llm.PROTOCOL_END}\n\nrest\n")
-    monkeypatch.setattr(llm, "ROOT", tmp_path)
+    page.write_text(f"# Results\n\n{report.PROTOCOL_START}\nold, unsectioned\n{report.PROTOCOL_END}\n\nrest\n")
+    monkeypatch.setattr(report, "ROOT", tmp_path)
 
     def doc(command: str) -> dict:
         return {"command": command, "machine": "2 cores", "date": "2026-12-01",
@@ -109,14 +109,14 @@ def test_protocol_block_keeps_one_section_per_results_file(tmp_path, monkeypatch
                 "runs": [{"calib_source": "austen", "code": "abc1234"}]}
 
     sparsegpt, wanda = tmp_path / "sparsegpt.json", tmp_path / "wanda.json"
-    llm.write_protocol_block(doc("run sparsegpt"), sparsegpt, ["sparsegpt table v1"])
-    llm.write_protocol_block(doc("run wanda"), wanda, ["wanda table"])
-    llm.write_protocol_block(doc("run sparsegpt"), sparsegpt, ["sparsegpt table v2"])
+    report.write_protocol_block(doc("run sparsegpt"), sparsegpt, ["sparsegpt table v1"])
+    report.write_protocol_block(doc("run wanda"), wanda, ["wanda table"])
+    report.write_protocol_block(doc("run sparsegpt"), sparsegpt, ["sparsegpt table v2"])
     text = page.read_text()
-    assert text.startswith("# Results\n\n") and text.endswith(f"{llm.PROTOCOL_END}\n\nrest\n")
+    assert text.startswith("# Results\n\n") and text.endswith(f"{report.PROTOCOL_END}\n\nrest\n")
     assert "old, unsectioned" not in text and "sparsegpt table v1" not in text
-    block = text.split(llm.PROTOCOL_START)[1].split(llm.PROTOCOL_END)[0]
-    assert list(llm.protocol_sections(block)) == ["sparsegpt.json", "wanda.json"]
+    block = text.split(report.PROTOCOL_START)[1].split(report.PROTOCOL_END)[0]
+    assert list(report.protocol_sections(block)) == ["sparsegpt.json", "wanda.json"]
     assert text.index("sparsegpt table v2") < text.index("wanda table")
     assert "`run wanda`" in text and "(../wanda.json)" in text
     assert text.count("## The evaluation protocol") == 1
