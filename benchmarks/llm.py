@@ -356,25 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = [r for r in full_plan if run_key(r, settings) not in done]
         if doc["settings"] != settings and doc["runs"]:
             raise SystemExit(f"{output} holds runs with settings {doc['settings']}; use another --output")
-        for index, run in enumerate(plan, 1):
-            label = (f"[{index}/{len(plan)}] {run['method']} {run['host'] or ''} {run['sparsity']} "
-                     f"lam={run['lam']} {run['fisher_mode']} {run.get('options', '')} "
-                     f"{run.get('calib_source', '')} draw {run.get('draw', '-')}")
-            print(label, flush=True)
-            child = subprocess.run(
-                [sys.executable, "-m", "benchmarks.llm", "--one", json.dumps(run), *_settings_args(settings)],
-                cwd=ROOT, capture_output=True, text=True,
-            )
-            lines = [l for l in child.stdout.splitlines() if l.startswith("RESULT ")]
-            if child.returncode != 0 or not lines:
-                sys.stderr.write(child.stderr[-4000:])
-                raise SystemExit(f"run failed: {label}")
-            result = json.loads(lines[-1][len("RESULT "):])
-            result["code"] = code_version()
-            doc["runs"].append(result)
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps(doc, indent=1) + "\n")
-            print("   ", {k: round(v, 2) for k, v in result.items() if isinstance(v, float)}, flush=True)
+        run_plan(doc, plan, settings, output)
     if args.plan == "cost":
         print_cost_pairs(doc["runs"])
         return 0
@@ -384,6 +366,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_set == "test" and args.plan in ("defaults", "solver"):
         write_protocol_block(doc, output, tables)
     return 0
+
+
+def run_plan(doc: dict[str, Any], plan: list[dict[str, Any]], settings: dict[str, Any],
+             output: pathlib.Path) -> None:
+    """Run ``plan`` one child process per run, appending each result (with
+    the commit it measured) to ``doc`` and rewriting ``output`` after each."""
+    for index, run in enumerate(plan, 1):
+        label = (f"[{index}/{len(plan)}] {run['method']} {run['host'] or ''} {run['sparsity']} "
+                 f"lam={run['lam']} {run['fisher_mode']} {run.get('options', '')} "
+                 f"{run.get('calib_source', '')} draw {run.get('draw', '-')}")
+        print(label, flush=True)
+        child = subprocess.run(
+            [sys.executable, "-m", "benchmarks.llm", "--one", json.dumps(run), *_settings_args(settings)],
+            cwd=ROOT, capture_output=True, text=True,
+        )
+        lines = [l for l in child.stdout.splitlines() if l.startswith("RESULT ")]
+        if child.returncode != 0 or not lines:
+            sys.stderr.write(child.stderr[-4000:])
+            raise SystemExit(f"run failed: {label}")
+        result = json.loads(lines[-1][len("RESULT "):])
+        result["code"] = code_version()
+        doc["runs"].append(result)
+        write_atomically(output, doc)
+        print("   ", {k: round(v, 2) for k, v in result.items() if isinstance(v, float)}, flush=True)
+
+
+def write_atomically(path: pathlib.Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` as JSON to a temporary file beside ``path``, then rename
+    it into place, so an interrupted run never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(path.name + ".tmp")
+    scratch.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(scratch, path)
 
 
 def code_version(measured: tuple[str, ...] = ("moonshot_plugins", "benchmarks/llm.py")) -> str:

@@ -50,7 +50,6 @@ import copy
 import datetime
 import functools
 import json
-import os
 import pathlib
 import sys
 import time
@@ -70,7 +69,7 @@ from models import MODEL_NAMES, accuracy, load_split, load_trained  # noqa: E402
 from report import HEADLINE_SPARSITY, plot_unstructured, unstructured_report  # noqa: E402
 from run import CALIB_PHOTOS, EVAL_PHOTOS, agreement_and_kl, batches_of, skimage_photo_crops  # noqa: E402
 
-from benchmarks.llm import code_version, machine_description, run_key  # noqa: E402
+from benchmarks.llm import code_version, machine_description, run_key, write_atomically  # noqa: E402
 from moonshot_plugins.vision import DEFAULT_VISION_TAYLOR_WEIGHT, moonshot_prune, recalibrate_batchnorm  # noqa: E402
 from moonshot_plugins.vision.layers import DEFAULT_TARGETS, select_layers  # noqa: E402
 
@@ -275,14 +274,6 @@ def check_trained(models: list[str]) -> None:
             load_trained(name)
         except FileNotFoundError as exc:
             raise SystemExit(f"error: {exc}; nothing was run") from exc
-
-
-def write_atomically(path: pathlib.Path, doc: dict[str, Any]) -> None:
-    """Write ``doc`` as JSON to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(path.name + ".tmp")
-    scratch.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(scratch, path)
 
 
 def run_plan(doc: dict[str, Any], plan: list[dict[str, Any]], output: pathlib.Path, device: torch.device) -> None:
