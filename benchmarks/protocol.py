@@ -40,8 +40,9 @@ LICENSE_DIR = pathlib.Path("/usr/share/common-licenses")
 LICENSE_FILES = ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "LGPL-2.1", "CC0-1.0", "Artistic")
 CLEARLY_BELOW = 2.0  # standard errors between the mean ratio and 1 for "clearly"
 MIN_DRAWS = 3  # draws per cell before a verdict
-# what identifies a run in a results file (with the settings)
-RUN_KEYS = ("method", "sparsity", "host", "lam", "fisher_mode", "options", "calib_source", "draw")
+# what identifies a method configuration, and a run of it in a results file (with the settings)
+METHOD_KEYS = ("method", "sparsity", "host", "lam", "fisher_mode", "options")
+RUN_KEYS = (*METHOD_KEYS, "calib_source", "draw")
 
 
 def licenses_text() -> str:

@@ -18,7 +18,7 @@ import re
 import sys
 from typing import Any
 
-from benchmarks.protocol import CLEARLY_BELOW, RUN_KEYS, paired_ratios, ratio_table
+from benchmarks.protocol import CLEARLY_BELOW, METHOD_KEYS, paired_ratios, ratio_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "docs" / "results.md"
@@ -382,7 +382,7 @@ def _taylor_gain_table(setting: list[dict[str, Any]], configs, texts: tuple[str,
 
 def _config(run: dict[str, Any]) -> str:
     """A run's method configuration (everything but calibration source and draw), as JSON."""
-    return json.dumps({k: run[k] for k in RUN_KEYS[:6] if k in run}, sort_keys=True)
+    return json.dumps({k: run[k] for k in METHOD_KEYS if k in run}, sort_keys=True)
 
 
 def print_cost_pairs(runs: list[dict[str, Any]]) -> None:
