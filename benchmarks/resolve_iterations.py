@@ -61,14 +61,14 @@ def cap_curve(dense, gram, dampening_frac: float) -> dict[str, Any]:
     """One layer: relative objective per cap and the time of one iteration (s)."""
     import torch
 
-    from moonshot_plugins.core import row_wise_mask
+    from moonshot_plugins.core import moonshot_wanda_scores, row_wise_mask
     from moonshot_plugins.core.curvature import diagonal_fisher_curvature
     from moonshot_plugins.core.resolve import resolve_on_mask
     from moonshot_plugins.llmcompressor.weight_update import damped_hessian
 
     hessian = damped_hessian(gram, dampening_frac)
     curvature = diagonal_fisher_curvature(hessian, None, 0.0)
-    prune = row_wise_mask(dense.abs() * torch.diagonal(gram).sqrt(), 0.5, 2, 4)
+    prune = row_wise_mask(moonshot_wanda_scores(dense, torch.diagonal(gram)), 0.5, 2, 4)  # Wanda at lam 0
     host = dense * ~prune
     wanda = float(curvature.row_values(host - dense).sum())
     objective, seconds = {}, {}
