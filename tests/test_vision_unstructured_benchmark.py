@@ -1,9 +1,8 @@
 """benchmarks/vision/unstructured.py end to end on untrained models and random images (seconds).
 
-The trained Fashion-MNIST models, the dataset and the photo crops are replaced
-by freshly initialised models of the same architectures (timm's tiny
-``test_efficientnet`` for EfficientNet-Lite0) and a few random images; the
-plan, the pruning calls, the scores, the JSON and the report are the real ones.
+The trained models, the dataset and the photo crops are replaced by tiny
+stand-ins (tests/tiny_vision.py); the plan, the pruning calls, the scores, the
+JSON and the report are the real ones.
 """
 
 from __future__ import annotations
@@ -11,12 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import timm
 import torch
-from torch import nn
 
 from benchmarks.vision import unstructured
-from benchmarks.vision.models import build
+from tests.tiny_vision import use_tiny_vision_data
 
 SMALL = ["--calib-images", "32", "--val-images", "40", "--effnet-calib-crops", "16", "--effnet-eval-crops", "20",
          "--threads", "1"]
@@ -25,32 +22,7 @@ SMALL = ["--calib-images", "32", "--val-images", "40", "--effnet-calib-crops", "
 @pytest.fixture
 def calls(monkeypatch) -> list[dict]:
     """Tiny models and data in place of the real ones; every pruning call, with its masks."""
-    # the ViT needs 28 x 28 images; the ResNet takes any size, and 12 x 12 is cheaper. The benchmark
-    # loads a model before its data, so load_split serves the size of the model loaded last.
-    side = {"pixels": 28}
-
-    def load_trained(name: str):
-        side["pixels"] = 28 if name == "vit" else 12
-        torch.manual_seed(0)
-        model = build(name)
-        for module in model.modules():  # timm starts each residual branch's last BN at 0: no gradient
-            if isinstance(module, nn.BatchNorm2d):
-                nn.init.uniform_(module.weight, 0.5, 1.5)
-        return model.eval(), {"epochs": 0}
-
-    def load_split(split: str):
-        g = torch.Generator().manual_seed(0 if split == "train" else 1)
-        n = 120 if split == "train" else 48
-        images = torch.randn(n, 1, side["pixels"], side["pixels"], generator=g)
-        return images, torch.randint(0, 10, (n,), generator=g)
-
-    def efficientnet_lite0():
-        torch.manual_seed(0)
-        return timm.create_model("test_efficientnet", num_classes=10).eval()
-
-    def photo_crops(names, per_photo: int, seed: int):
-        return torch.randn(len(names) * per_photo, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
+    use_tiny_vision_data(monkeypatch)
     recorded: list[dict] = []
 
     def masks(model, names):
@@ -68,10 +40,6 @@ def calls(monkeypatch) -> list[dict]:
         return names
 
     real_moonshot, real_magnitude = unstructured.moonshot_prune, unstructured.magnitude_prune
-    monkeypatch.setattr(unstructured, "load_trained", load_trained)
-    monkeypatch.setattr(unstructured, "load_split", load_split)
-    monkeypatch.setattr(unstructured, "efficientnet_lite0", efficientnet_lite0)
-    monkeypatch.setattr(unstructured, "skimage_photo_crops", photo_crops)
     monkeypatch.setattr(unstructured, "moonshot_prune", moonshot_prune)
     monkeypatch.setattr(unstructured, "magnitude_prune", magnitude_prune)
     return recorded
@@ -114,11 +82,17 @@ def test_fashion_mnist_models_every_method_resumed_and_reported(calls, tmp_path,
     unstructured.main(resnet)
     assert calls == [] and len(json.loads(output.read_text())["runs"]) == len(runs)
     plot.unlink()
-    unstructured.main(["--report-only", "--output", str(output), "--plot", str(plot)])
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\nkept\n")
+    for _ in range(2):  # the block is replaced, not appended twice
+        unstructured.main(["--report-only", "--output", str(output), "--plot", str(plot), "--docs", str(page)])
     report = capsys.readouterr().out
+    text = page.read_text()
+    assert text.startswith("# Results\n\nkept\n") and text.count("<!-- vision-unstructured:start -->") == 1
+    assert "### Targets" in text and f"![accuracy against sparsity]({plot.name})" in text
     assert calls == [] and plot.read_bytes()[:4] == b"\x89PNG"
     for text in ("### vit: test top-1 (%)", "### resnet18: test top-1 (%)", "| magnitude + BN recal |",
-                 "**MOONSHOT lam 0.5 (default)**", "choosing lam on validation", "### Targets",
+                 f"**MOONSHOT lam {unstructured.DEFAULT_VISION_TAYLOR_WEIGHT:g} (default)**", "choosing lam on validation", "### Targets",
                  "| default >= best single + 3 | vit | 70% | top1 |", "| default >= best single + 3 | resnet18 | 90% |",
                  "| prune time <= 1.5 x lam 0 | vit | 70% |"):
         assert text in report

@@ -1,39 +1,40 @@
 """Render the vision benchmarks' results as Markdown tables.
 
-    python benchmarks/vision/report.py [path/to/results.json]
-
-prints the channel-pruning tables of docs/results.md from
-benchmarks/results/vision_torch_pruning.json (``run.py``).
-:func:`unstructured_report` and :func:`plot_unstructured` render the results of
+:func:`torch_pruning_report` renders the channel-pruning results of ``run.py``
+(``python benchmarks/vision/run.py --output FILE --report-only``);
+:func:`unstructured_report` and :func:`plot_unstructured` those of
 ``unstructured.py`` (``python -m benchmarks.vision.unstructured --report-only``).
+Every score is a mean ± standard error over calibration draws; differences
+between methods are paired by draw.
 
-For the channel-pruning results, also states each target of the issue as met
-or missed, computed from the JSON:
-* trained models: MOONSHOT (default lam) >= best Torch-Pruning criterion + 2
-  points of top-1 at 30% and 50%;
-* EfficientNet-Lite0: MOONSHOT (default lam) never below the best criterion
-  in top-1 agreement with the dense model.
+Channel-pruning targets, computed from the JSON, plain and after BatchNorm
+recalibration:
+* trained models: MOONSHOT (default lam and objective scale) >= the best
+  Torch-Pruning criterion + 2 points of top-1 at 30% and 50%;
+* EfficientNet-Lite0: MOONSHOT never below the best criterion in top-1
+  agreement with the dense model.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "vision_torch_pruning.json"
-
 BASELINES = ("magnitude", "taylor", "hessian", "hessian_tp_accumulate", "activation")
-TARGET_RATIOS = ("0.3", "0.5")
+TARGET_RATIOS = (0.3, 0.5)
+TRAINED_MARGIN = 2.0  # points of top-1 over the best Torch-Pruning criterion
+VARIANTS = (("", ""), ("_bn_recal", " + BN recal"))  # score suffix, row label suffix
+
+Stat = tuple[float, float, int]  # mean, standard error, draws
 
 
 def _metric(model: str) -> tuple[str, str]:
     return ("agreement", "top-1 agreement with dense (%)") if model == "efficientnet_lite0" else ("top1", "test top-1 (%)")
 
 
-def _moonshot_name(scale: str, lam: float) -> str:
-    return f"{'moonshot' if scale == 'mean' else 'moonshot_median'}_lam{lam:g}"
+def moonshot_name(objective_scale: str, lam: float) -> str:
+    """The criterion name of ``MoonshotImportance(lam, objective_scale)`` in ``run.py``'s records."""
+    return f"{'moonshot' if objective_scale == 'mean' else 'moonshot_median'}_lam{lam:g}"
 
 
 def _default_objective_scale() -> str:
@@ -45,93 +46,6 @@ def _default_objective_scale() -> str:
     return inspect.signature(MoonshotImportance).parameters["objective_scale"].default
 
 
-def render(data: dict) -> str:
-    default = _moonshot_name(_default_objective_scale(), data["default_lam"])
-    lines = []
-    targets = []
-    validation = []
-    for model, rec in data["models"].items():
-        key, label = _metric(model)
-        ratios = list(rec["results"])
-        criteria = list(BASELINES) + [
-            _moonshot_name(scale, lam) for scale in ("mean", "median") for lam in data["lams"]
-            if scale == "mean" or lam not in (0.0, 1.0)
-        ]
-        dense = rec["dense"][key]
-        lines.append(f"### {model}: {label}, dense {dense:.2f}")
-        lines.append("")
-        if "training" in rec:
-            t = rec["training"]
-            lines.append(
-                f"Trained by `benchmarks/vision/train.py --model {model}`: {t['epochs']} epochs, seed {t['seed']}, "
-                f"{t['train_wall_s']} s on {t['device']}."
-            )
-        else:
-            lines.append(
-                f"Calibration: {rec['calib_images']} crops of {len(rec['calib_photos'])} photos; evaluation: "
-                f"{rec['eval_images']} crops of {len(rec['eval_photos'])} other photos (scikit-image samples)."
-            )
-        lines.append("")
-        lines.append("| criterion | " + " | ".join(f"{float(r):.0%}" for r in ratios) + " |")
-        lines.append("|---|" + "---|" * len(ratios))
-        for crit in criteria:
-            cells = []
-            for r in ratios:
-                e = rec["results"][r].get(crit)
-                if e is None:
-                    cells.append("-")
-                elif key == "agreement":
-                    cells.append(f"{e[key]:.1f} (KL {e['kl']:.3f})")
-                else:
-                    cells.append(f"{e[key]:.2f}")
-            name = f"**{crit} (default)**" if crit == default else crit
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        params = " / ".join(f"{rec['results'][r][default]['params'] / rec['params_dense']:.0%}" for r in ratios)
-        lines.append("")
-        lines.append(f"Parameters kept at {' / '.join(f'{float(r):.0%}' for r in ratios)}: {params}.")
-        lines.append("")
-        for r in ratios:
-            res = rec["results"][r]
-            pair = [res.get(_moonshot_name(scale, data["default_lam"]), {}).get(f"val_{key}") for scale in ("mean", "median")]
-            if None not in pair:
-                validation.append(f"| {model} | {float(r):.0%} | {pair[0]:.2f} | {pair[1]:.2f} |")
-            best_name = max((c for c in BASELINES if c in res), key=lambda c: res[c][key])
-            best, ours = res[best_name][key], res[default][key]
-            if key == "agreement":
-                ok = ours >= best
-                targets.append(f"- {model} {float(r):.0%}: MOONSHOT {ours:.1f} vs best {best_name} {best:.1f} "
-                               f"(target >= best): **{'met' if ok else 'missed'}**")
-            elif r in TARGET_RATIOS:
-                ok = ours >= best + 2
-                targets.append(f"- {model} {float(r):.0%}: MOONSHOT {ours:.2f} vs best {best_name} {best:.2f} "
-                               f"(target >= best + 2): **{'met' if ok else 'missed'}**")
-    if validation:
-        lines += [
-            f"### Choosing `objective_scale` on the validation split (lam {data['default_lam']:g})",
-            "",
-            "Validation: 5000 Fashion-MNIST training images not used for calibration; for EfficientNet-Lite0, "
-            "other crops of the calibration photos (agreement with dense). Neither is the test set.",
-            "",
-            "| model | ratio | mean | median |",
-            "|---|---|---|---|",
-            *validation,
-            "",
-        ]
-    return "\n".join(lines + ["### Targets", ""] + targets) + "\n"
-
-
-# -- unstructured MOONSHOT (unstructured.py) ------------------------------------------
-
-HEADLINE_SPARSITY: dict[str, float] = {"resnet18": 0.9, "vit": 0.7, "efficientnet_lite0": 0.5}
-HEADLINE_MARGIN = 3.0  # points of top-1 (agreement) the default must gain over the best single objective
-COST_BOUND = 1.5  # the default's prune time / lam 0's, paired by draw
-VARIANTS = (("", ""), ("_bn_recal", " + BN recal"))  # score suffix, row label suffix
-LAM0, LAM1 = ("moonshot_prune", 0.0), ("moonshot_prune", 1.0)
-
-Config = tuple[str, "float | None"]  # (method, taylor_weight)
-Stat = tuple[float, float, int]  # mean, standard error, draws
-
-
 def _stats(values: list[float]) -> Stat | None:
     """(mean, standard error, n) of ``values``; None when empty."""
     from benchmarks.protocol import mean_and_error  # the LLM protocol's statistics (repo root on sys.path)
@@ -141,6 +55,124 @@ def _stats(values: list[float]) -> Stat | None:
 
 def _cell(stat: Stat | None, digits: int = 2) -> str:
     return "-" if stat is None else f"{stat[0]:.{digits}f} ± {stat[1]:.{digits}f} ({stat[2]})"
+
+
+def _verdict(stat: Stat, met: bool) -> str:
+    from benchmarks.protocol import MIN_DRAWS
+
+    return "incomplete" if stat[2] < MIN_DRAWS else "**met**" if met else "**missed**"
+
+
+def write_block(page: Path, name: str, text: str) -> None:
+    """Put ``text`` into the Markdown ``page`` between ``<!-- name:start -->`` and
+    ``<!-- name:end -->`` (appended as a new block when the markers are absent)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    page_text = page.read_text() if page.exists() else ""
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in page_text and end in page_text:
+        head, rest = page_text.split(start, 1)
+        page_text = head + block + rest.split(end, 1)[1]
+    else:
+        page_text = page_text.rstrip("\n") + "\n\n" + block + "\n"
+    page.write_text(page_text)
+
+
+# -- channel pruning with Torch-Pruning (run.py) --------------------------------------
+
+def _by_draw(runs: list[dict], model: str, ratio: float, criterion: str) -> dict[int, dict]:
+    return {r["draw"]: r for r in runs if r["model"] == model and r.get("ratio") == ratio
+            and r["criterion"] == criterion}
+
+
+def _criterion_stat(runs: list[dict], model: str, ratio: float, criterion: str, score: str) -> Stat | None:
+    return _stats([r[score] for r in _by_draw(runs, model, ratio, criterion).values() if score in r])
+
+
+def _criterion_table(runs: list[dict], model: str, default: str) -> list[str]:
+    """Test score per criterion and ratio (plain, then after BN recalibration), mean ± s.e. (draws)."""
+    key, label = _metric(model)
+    ratios = sorted({r["ratio"] for r in runs if r["model"] == model and "ratio" in r})
+    names = list(dict.fromkeys(r["criterion"] for r in runs if r["model"] == model and "ratio" in r))
+    dense = next((r for r in runs if r["model"] == model and r["criterion"] == "dense"), {})
+    lines = [f"### {model}: {label}" + (f", dense {dense[key]:.2f}" if key in dense else "")
+             + "; mean ± s.e. (draws)", "",
+             "| criterion | " + " | ".join(f"{r:.0%}" for r in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
+    for suffix, row in VARIANTS:
+        for name in names:
+            cells = [_criterion_stat(runs, model, r, name, key + suffix) for r in ratios]
+            if any(cells):
+                shown = f"**{name} (default)**" if name == default else name
+                lines.append(f"| {shown}{row} | " + " | ".join(map(_cell, cells)) + " |")
+    if "params" in dense:
+        kept = [_criterion_stat(runs, model, r, default, "params") for r in ratios]
+        lines += ["", "Parameters kept by the default at " + " / ".join(f"{r:.0%}" for r in ratios) + ": "
+                  + " / ".join("-" if k is None else f"{k[0] / dense['params']:.0%}" for k in kept) + "."]
+    return lines + [""]
+
+
+def _scale_rows(runs: list[dict], model: str, lam: float) -> list[str]:
+    """Validation score of objective_scale mean vs median at ``lam``, per ratio."""
+    key, _ = _metric(model)
+    rows = []
+    for ratio in sorted({r["ratio"] for r in runs if r["model"] == model and "ratio" in r}):
+        pair = [_criterion_stat(runs, model, ratio, moonshot_name(s, lam), f"val_{key}") for s in ("mean", "median")]
+        if all(pair):
+            rows.append(f"| {model} | {ratio:.0%} | {_cell(pair[0])} | {_cell(pair[1])} |")
+    return rows
+
+
+def _tp_target_rows(runs: list[dict], model: str, default: str) -> list[str]:
+    key, _ = _metric(model)
+    rows = []
+    for ratio in sorted({r["ratio"] for r in runs if r["model"] == model and "ratio" in r}):
+        if key == "top1" and ratio not in TARGET_RATIOS:
+            continue
+        margin = 0.0 if key == "agreement" else TRAINED_MARGIN
+        for suffix, row in VARIANTS:
+            score = key + suffix
+            means = {c: _criterion_stat(runs, model, ratio, c, score) for c in BASELINES}
+            means = {c: m for c, m in means.items() if m}
+            ours = _by_draw(runs, model, ratio, default)
+            if not means or not ours or score not in next(iter(ours.values())):
+                continue
+            best = max(means, key=lambda c: means[c][0])
+            theirs = _by_draw(runs, model, ratio, best)
+            gain = _stats([ours[d][score] - theirs[d][score] for d in sorted(ours.keys() & theirs.keys())])
+            rows.append(f"| {model} | {ratio:.0%}{row} | {best} | {_cell(gain)} | >= {margin:g} | "
+                        f"{_verdict(gain, gain[0] >= margin)} |")
+    return rows
+
+
+def torch_pruning_report(doc: dict) -> str:
+    """Markdown of a ``run.py`` results file: per model the criterion table,
+    the objective-scale choice on validation, then the targets."""
+    runs, settings = doc["runs"], doc["settings"]
+    default = moonshot_name(_default_objective_scale(), settings["default_lam"])
+    codes = ", ".join(sorted({r["code"] for r in runs if "code" in r})) or "-"
+    models = list(dict.fromkeys(r["model"] for r in runs))
+    lines = [f"Command: `{doc['command']}`; machine: {doc['machine']}; {doc['date']}; code {codes}.", ""]
+    for model in models:
+        lines += _criterion_table(runs, model, default)
+    scale_rows = [row for model in models for row in _scale_rows(runs, model, settings["default_lam"])]
+    if scale_rows:
+        lines += [f"### `objective_scale` on the validation split (lam {settings['default_lam']:g})", "",
+                  "| model | ratio | mean | median |", "|---|---|---|---|", *scale_rows, ""]
+    lines += ["### Targets", "", f"MOONSHOT default ({default}) minus the best Torch-Pruning criterion by mean, "
+              "paired by calibration draw. A verdict needs 3 draws.", "",
+              "| model | ratio | best criterion | default - it | target | verdict |", "|---|---|---|---|---|---|"]
+    lines += [row for model in models for row in _tp_target_rows(runs, model, default)]
+    return "\n".join(lines) + "\n"
+
+
+# -- unstructured MOONSHOT (unstructured.py) ------------------------------------------
+
+HEADLINE_SPARSITY: dict[str, float] = {"resnet18": 0.9, "vit": 0.7, "efficientnet_lite0": 0.5}
+SWEEP_SPARSITY: dict[str, float] = {"resnet18": 0.7, "vit": 0.7, "efficientnet_lite0": 0.5}  # the lam sweep's
+HEADLINE_MARGIN = 3.0  # points of top-1 (agreement) the default must gain over the best single objective
+COST_BOUND = 1.5  # the default's prune time / lam 0's, paired by draw
+LAM0, LAM1 = ("moonshot_prune", 0.0), ("moonshot_prune", 1.0)
+
+Config = tuple[str, "float | None"]  # (method, taylor_weight)
 
 
 def _draws(runs: list[dict], model: str, sparsity: float, config: Config) -> dict[int, dict]:
@@ -222,17 +254,44 @@ def _validation_table(runs: list[dict], model: str, default: float) -> list[str]
     return lines
 
 
+def _lam_rule(runs: list[dict], models: list[str], default: float) -> list[str]:
+    """The rule for the default lam (docs/experiments.md, 2026-12-02): at each model's
+    sweep setting, rank the lams by mean validation score over 3 draws (1 = best, no
+    BN recalibration); the lowest sum of ranks over the complete sweeps wins, ties
+    to the lam nearer 0.5; with fewer than two complete sweeps the default stays."""
+    from benchmarks.protocol import MIN_DRAWS
+
+    ranks: dict[str, dict[float, int]] = {}
+    rows = []
+    for model in models:
+        key, _ = _metric(model)
+        sparsity = SWEEP_SPARSITY[model]
+        lams = sorted(c[1] for c in _configs(runs, model, default)
+                      if c[0] == "moonshot_prune" and c[1] not in (0.0, 1.0))
+        scores = {lam: _setting(runs, model, sparsity, ("moonshot_prune", lam), f"val_{key}") for lam in lams}
+        if len(lams) < 5 or any(s is None or s[2] < MIN_DRAWS for s in scores.values()):
+            continue  # the sweep is not complete at 3 draws
+        order = sorted(lams, key=lambda lam: -scores[lam][0])
+        ranks[model] = {lam: order.index(lam) + 1 for lam in lams}
+        rows.append(f"| {model} {sparsity:.0%} | " + " | ".join(
+            f"{_cell(scores[lam])} [{ranks[model][lam]}]" for lam in lams) + " |")
+    if len(ranks) < 2:
+        return [f"Default lam: {len(ranks)} complete sweep(s), fewer than two: lam {default:g} stays.", ""]
+    lams = sorted(set.intersection(*(set(r) for r in ranks.values())))
+    total = {lam: sum(r[lam] for r in ranks.values()) for lam in lams}
+    chosen = min(lams, key=lambda lam: (total[lam], abs(lam - 0.5)))
+    return ["### The default lam, by the rule written before the runs", "",
+            "Validation score, mean ± s.e. (draws) [rank within the model], at each model's sweep setting.", "",
+            "| model | " + " | ".join(f"lam {lam:g}" for lam in lams) + " |", "|---" * (len(lams) + 1) + "|",
+            *rows, "| sum of ranks | " + " | ".join(str(total[lam]) for lam in lams) + " |", "",
+            f"Chosen: lam {chosen:g} (the package default is {default:g}).", ""]
+
+
 def _paired(runs: list[dict], model: str, sparsity: float, ours: Config, theirs: Config,
             value: Callable[[dict, dict], float]) -> Stat | None:
     """``value(ours, theirs)`` over the draws both settings ran."""
     mine, other = _draws(runs, model, sparsity, ours), _draws(runs, model, sparsity, theirs)
     return _stats([value(mine[d], other[d]) for d in sorted(mine.keys() & other.keys())])
-
-
-def _verdict(stat: Stat, met: bool) -> str:
-    from benchmarks.protocol import MIN_DRAWS
-
-    return "incomplete" if stat[2] < MIN_DRAWS else "**met**" if met else "**missed**"
 
 
 def _target_rows(runs: list[dict], model: str, default: float) -> list[str]:
@@ -262,15 +321,17 @@ def _target_rows(runs: list[dict], model: str, default: float) -> list[str]:
     return rows
 
 
-def unstructured_report(doc: dict) -> str:
+def unstructured_report(doc: dict, default: float) -> str:
     """Markdown of an ``unstructured.py`` results file: per model the score tables
-    (mean ± s.e. over calibration draws), the lam choice on validation, then the targets."""
-    runs, default = doc["runs"], doc["settings"]["default_taylor_weight"]
+    (mean ± s.e. over calibration draws), the lam choice on validation, then the
+    targets, with ``default`` (``moonshot_prune``'s default lam) as MOONSHOT."""
+    runs = doc["runs"]
     codes = ", ".join(sorted({r["code"] for r in runs if "code" in r})) or "-"
     lines = [f"Command: `{doc['command']}`; machine: {doc['machine']}; {doc['date']}; code {codes}.", ""]
     models = list(dict.fromkeys(r["model"] for r in runs))
     for model in models:
         lines += _model_tables(runs, model, default) + _validation_table(runs, model, default)
+    lines += _lam_rule(runs, models, default)
     lines += ["### Targets", "",
               "Differences and ratios are paired by calibration draw (mean ± s.e. (draws)); best single = "
               "the better of lam 0 and lam 1 by mean. A verdict needs 3 draws.", "",
@@ -280,7 +341,7 @@ def unstructured_report(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_unstructured(doc: dict, path: Path) -> None:
+def plot_unstructured(doc: dict, path: Path, default: float) -> None:
     """One panel per model: test score (%) against sparsity (%), one line per
     method (dashed: after BN recalibration), error bars = s.e. over draws. PNG at ``path``."""
     import matplotlib
@@ -288,7 +349,7 @@ def plot_unstructured(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs, default = doc["runs"], doc["settings"]["default_taylor_weight"]
+    runs = doc["runs"]
     models = list(dict.fromkeys(r["model"] for r in runs if r["method"] != "dense"))
     fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5.5 * max(1, len(models)), 4.2), squeeze=False)
     standard = [("magnitude", None), LAM0, LAM1, ("moonshot_prune", default)]
@@ -312,12 +373,3 @@ def plot_unstructured(doc: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def main() -> None:
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS
-    print(render(json.loads(path.read_text())))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,14 +1,18 @@
 """Vision benchmark: MOONSHOT vs Torch-Pruning's criteria, channel pruning without fine-tuning.
 
-    python benchmarks/vision/run.py                      # all models, writes the JSON below
-    python benchmarks/vision/run.py --models resnet18 --ratios 0.3
+    python benchmarks/vision/run.py --output benchmarks/results/<date>-vision-torch-pruning.json
+    python benchmarks/vision/run.py --models efficientnet_lite0 --draws 3 --output ...
+    python benchmarks/vision/run.py --output ... --report-only
 
 Models: the Fashion-MNIST ResNet-18 and ViT trained by ``train.py`` (run it
 first) and EfficientNet-Lite0 with its ImageNet weights. Every criterion
 prunes a fresh copy of the dense model with ``tp.pruner.MetaPruner`` (local,
-uniform ``pruning_ratio``, classifier kept) and no fine-tuning follows.
+uniform ``pruning_ratio``, classifier kept) and no fine-tuning follows. Data
+and calibration draws are those of ``vision_data.py`` (the unstructured
+benchmark's): draw d is the same images in both, here 512 Fashion-MNIST images
+or about 128 photo crops.
 
-Criteria, all from the same calibration samples:
+Criteria, all from the same calibration draw:
 * ``magnitude``: ``MagnitudeImportance(p=2)``;
 * ``taylor``: ``TaylorImportance`` after one backward of the mean loss per batch;
 * ``hessian``: ``HessianImportance`` with ``.grad`` = mean squared per-sample
@@ -21,18 +25,13 @@ Criteria, all from the same calibration samples:
 * ``moonshot_lam<lam>``: ``MoonshotImportance`` (one calibration, every lam);
   ``moonshot_median_lam<lam>``: the same with ``objective_scale="median"``.
 
-Every criterion is also scored on a validation split that is neither
-calibration nor test (``val_*`` metrics): 5000 other Fashion-MNIST training
-images; for EfficientNet-Lite0, other crops of the calibration photos. Choices
-between MOONSHOT variants are made on it, never on the test metrics.
-
-Fashion-MNIST: top-1 on the 10k test set; calibration = 512 training images.
-EfficientNet-Lite0: no labelled ImageNet images ship in any package, so it is
-measured against the dense model on crops of real photos (scikit-image's
-sample photos from the Debian package ``python3-skimage``): calibration and
-evaluation use disjoint photos; labels for calibration losses are the dense
-model's own predictions. Metrics: top-1 agreement with the dense model and
-mean KL(dense || pruned).
+Each pruned model is scored, then its BatchNorm statistics are re-estimated on
+the draw's calibration images (``recalibrate_batchnorm``, what Torch-Pruning
+users do before comparing criteria) and it is scored again (``*_bn_recal``; the
+ViT has no BatchNorm). Validation scores (``val_*``) are for choices, never the
+test ones. One record per (model, ratio, criterion, draw); the JSON is
+rewritten atomically after each, and a rerun skips the records it holds.
+Tables and targets: ``report.py``.
 """
 
 from __future__ import annotations
@@ -41,73 +40,37 @@ import argparse
 import copy
 import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
+from torch import nn
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import accuracy, load_split, load_trained  # noqa: E402
+VISION_DIR = Path(__file__).resolve().parent
+ROOT = VISION_DIR.parents[1]
+for path in (VISION_DIR, ROOT):  # sibling modules, and the repository root for `benchmarks` and the package
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+from report import BASELINES, moonshot_name, torch_pruning_report, write_block  # noqa: E402
+from vision_data import EFFICIENTNET, Batches, ModelData, model_data  # noqa: E402
 
+from benchmarks.llm import code_version, machine_description, write_atomically  # noqa: E402
 from moonshot_plugins.torch_pruning import MoonshotImportance, sync_vit_heads, vit_num_heads  # noqa: E402
+from moonshot_plugins.vision import recalibrate_batchnorm  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "vision_torch_pruning.json"
-BASELINES = ("magnitude", "taylor", "hessian", "hessian_tp_accumulate", "activation")
+MODELS = ("resnet18", "vit", EFFICIENTNET)
 DEFAULT_LAM = 0.5
-
-# scikit-image sample photos (python3-skimage), split by photo.
-CALIB_PHOTOS = ("astronaut.png", "coffee.png", "motorcycle_left.png", "motorcycle_right.png",
-                "camera.png", "brick.png", "coins.png", "hubble_deep_field.jpg")
-EVAL_PHOTOS = ("chelsea.png", "rocket.jpg", "retina.jpg", "ihc.png", "moon.png",
-               "grass.png", "gravel.png", "page.png", "clock_motion.png", "cell.png")
-
-
-# -- data -----------------------------------------------------------------------------
-
-def skimage_photo_crops(names, per_photo: int, seed: int) -> torch.Tensor:
-    """Random-resized 224x224 crops (scale 0.2-1, flips) of skimage photos, ImageNet-normalised."""
-    import numpy as np
-    from PIL import Image
-
-    from moonshot_plugins.assets import _download_deb
-
-    root = _download_deb("python3-skimage")
-    data_dirs = [p for p in root.rglob("skimage/data") if p.is_dir()]
-    if not data_dirs:
-        raise RuntimeError(f"no skimage/data directory under {root}")
-    g = torch.Generator().manual_seed(seed)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    crops = []
-    for name in names:
-        img = torch.from_numpy(np.asarray(Image.open(data_dirs[0] / name).convert("RGB"), dtype=np.float32) / 255.0)
-        img = img.permute(2, 0, 1)
-        _, h, w = img.shape
-        for _ in range(per_photo):
-            scale = 0.2 + 0.8 * torch.rand(1, generator=g).item()
-            side = max(16, int(min(h, w) * scale ** 0.5))
-            top = torch.randint(0, h - side + 1, (1,), generator=g).item()
-            left = torch.randint(0, w - side + 1, (1,), generator=g).item()
-            crop = img[:, top : top + side, left : left + side].unsqueeze(0)
-            crop = F.interpolate(crop, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)[0]
-            if torch.rand(1, generator=g).item() < 0.5:
-                crop = crop.flip(-1)
-            crops.append((crop - mean) / std)
-    return torch.stack(crops)
-
-
-def batches_of(x, y, size):
-    return [(x[s : s + size], y[s : s + size]) for s in range(0, len(x), size)]
+RECORD_KEYS = ("model", "ratio", "criterion", "draw")
 
 
 # -- pruning --------------------------------------------------------------------------
 
-def prune(model, importance, ratio, example):
+def prune(model: nn.Module, importance: tp.importance.Importance, ratio: float, example: torch.Tensor) -> nn.Module:
     pruner = tp.pruner.MetaPruner(
         model, example, importance=importance, pruning_ratio=ratio,
         ignored_layers=[model.get_classifier()], num_heads=vit_num_heads(model),
@@ -117,7 +80,7 @@ def prune(model, importance, ratio, example):
     return model
 
 
-def criterion_grads(model, calib) -> dict[str, dict[str, torch.Tensor]]:
+def criterion_grads(model: nn.Module, calib: Batches) -> dict[str, dict[str, torch.Tensor]]:
     """Gradients the gradient-based criteria read from ``.grad``, computed once on the dense model.
 
     ``taylor``: sum over batches of the mean-loss gradient (Torch-Pruning's
@@ -147,7 +110,8 @@ def criterion_grads(model, calib) -> dict[str, dict[str, torch.Tensor]]:
     return {"taylor": taylor, "hessian": hessian, "hessian_tp_accumulate": last}
 
 
-def baseline_importance(name, model, calib, grads):
+def baseline_importance(name: str, model: nn.Module, calib: Batches,
+                        grads: dict[str, dict[str, torch.Tensor]]) -> tp.importance.Importance:
     """A Torch-Pruning criterion, with ``model`` prepared for it."""
     if name == "magnitude":
         return tp.importance.MagnitudeImportance(p=2)
@@ -161,104 +125,88 @@ def baseline_importance(name, model, calib, grads):
         with torch.no_grad(), imp.compute_importance(model):
             model(torch.cat([xb for xb, _ in calib]))
         return imp
-    raise ValueError(name)
+    raise ValueError(f"criterion must be one of {list(BASELINES)} or moonshot[_median]_lam<lam>, got {name!r}")
 
 
-# -- evaluation -----------------------------------------------------------------------
-
-@torch.no_grad()
-def agreement_and_kl(model, images, dense_logits, batch=32):
-    model.eval()
-    logits = torch.cat([model(images[s : s + batch]) for s in range(0, len(images), batch)])
-    agree = (logits.argmax(1) == dense_logits.argmax(1)).float().mean().item() * 100
-    kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(dense_logits, 1), log_target=True,
-                  reduction="batchmean").item()
-    return agree, kl
-
-
-def moonshot_variant(crit: str) -> tuple[str, float]:
+def moonshot_variant(criterion: str) -> tuple[str, float]:
     """``moonshot[_median]_lam<lam>`` -> (objective_scale, lam)."""
-    head, lam = crit.split("_lam")
+    head, lam = criterion.split("_lam")
     return ("median" if head.endswith("_median") else "mean"), float(lam)
 
 
-def run_model(name, ratios, lams, calib_n, eval_n, log, objective_scales=("mean", "median")):
-    torch.manual_seed(0)
-    if name == "efficientnet_lite0":
-        from assets import efficientnet_lite0
+def criteria(lams: list[float], objective_scales: list[str]) -> list[str]:
+    """The baselines, then MOONSHOT per scale and lam (the scale only matters when mixing)."""
+    return list(BASELINES) + [moonshot_name(scale, lam) for scale in ("mean", "median") if scale in objective_scales
+                              for lam in lams if scale == "mean" or lam not in (0.0, 1.0)]
 
-        dense = efficientnet_lite0()
-        calib_x = skimage_photo_crops(CALIB_PHOTOS, per_photo=max(1, calib_n // len(CALIB_PHOTOS)), seed=0)
-        eval_x = skimage_photo_crops(EVAL_PHOTOS, per_photo=max(1, eval_n // len(EVAL_PHOTOS)), seed=1)
-        val_x = skimage_photo_crops(CALIB_PHOTOS, per_photo=max(1, eval_n // len(CALIB_PHOTOS)), seed=2)
-        with torch.no_grad():
-            calib_y = torch.cat([dense(calib_x[s : s + 32]) for s in range(0, len(calib_x), 32)]).argmax(1)
-            dense_eval = torch.cat([dense(eval_x[s : s + 32]) for s in range(0, len(eval_x), 32)])
-            dense_val = torch.cat([dense(val_x[s : s + 32]) for s in range(0, len(val_x), 32)])
-        example = calib_x[:1]
 
-        def evaluate(m):
-            agree, kl = agreement_and_kl(m, eval_x, dense_eval)
-            val_agree, val_kl = agreement_and_kl(m, val_x, dense_val)
-            return {"agreement": agree, "kl": kl, "val_agreement": val_agree, "val_kl": val_kl}
+# -- one calibration draw -------------------------------------------------------------
 
-        record = {"dense": {"agreement": 100.0, "kl": 0.0}, "calib_images": len(calib_x), "eval_images": len(eval_x),
-                  "calib_photos": list(CALIB_PHOTOS), "eval_photos": list(EVAL_PHOTOS)}
-        calib_batch = 16
-    else:
-        dense, train_record = load_trained(name)
-        train_x, train_y = load_split("train")
-        test_x, test_y = load_split("test")
-        perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
-        calib_x, calib_y = train_x[perm[:calib_n]], train_y[perm[:calib_n]]
-        val = perm[calib_n : calib_n + 5000]
-        example = calib_x[:1]
-        evaluate = lambda m: {"top1": accuracy(m, test_x, test_y),  # noqa: E731
-                              "val_top1": accuracy(m, train_x[val], train_y[val])}
-        record = {"dense": evaluate(dense), "training": train_record, "calib_images": calib_n,
-                  "eval_images": len(test_x)}
-        calib_batch = 64
-    calib = batches_of(calib_x, calib_y, calib_batch)
-    record["params_dense"] = tp.utils.count_params(dense)
-    log(f"{name}: dense {record['dense']}")
-
-    t0 = time.perf_counter()
+def run_draw(name: str, data: ModelData, draw: int, jobs: list[tuple[float, str]],
+             lams: list[float]) -> list[dict[str, Any]]:
+    """Calibrate every criterion on ``draw``, then prune and score one copy of the dense model per job."""
+    calib = data.calibration(draw)
+    example = calib[0][0][:1]
+    start = time.perf_counter()
     moonshot = MoonshotImportance(lam=max(lams))
-    moonshot.accumulate(dense, calib)
-    record["moonshot_calibration_s"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    grads = criterion_grads(dense, calib)
-    record["baseline_gradients_s"] = round(time.perf_counter() - t0, 1)
-
-    results = {}
-    prefixes = {"mean": "moonshot", "median": "moonshot_median"}
-    jobs = [(crit, r) for r in ratios for crit in BASELINES] + [
-        (f"{prefixes[scale]}_lam{lam:g}", r) for r in ratios for scale in objective_scales for lam in lams
-        if not (scale != "mean" and lam in (0.0, 1.0))  # the scale only matters when mixing
-    ]
-    for crit, ratio in tqdm(jobs, desc=f"{name} pruning runs"):
-        model = copy.deepcopy(dense)
-        t = time.perf_counter()
-        if crit.startswith("moonshot"):
-            scale, lam = moonshot_variant(crit)
-            imp = moonshot.with_lam(lam)
-            imp.objective_scale = scale
-            imp.attach(model)
+    moonshot.accumulate(data.dense, calib)
+    calibration_s = {"moonshot_calibration_s": time.perf_counter() - start}
+    start = time.perf_counter()
+    grads = criterion_grads(data.dense, calib)
+    calibration_s["baseline_gradients_s"] = time.perf_counter() - start
+    records = []
+    for ratio, criterion in tqdm(jobs, desc=f"{name} draw {draw}", leave=False):
+        model = copy.deepcopy(data.dense)
+        start = time.perf_counter()
+        if criterion.startswith("moonshot"):
+            scale, lam = moonshot_variant(criterion)
+            importance = moonshot.with_lam(lam)
+            importance.objective_scale = scale
+            importance.attach(model)
         else:
-            imp = baseline_importance(crit, model, calib, grads)
-        prune(model, imp, ratio, example)
+            importance = baseline_importance(criterion, model, calib, grads)
+        prune(model, importance, ratio, example)
         model.zero_grad(set_to_none=True)
-        entry = {**evaluate(model), "params": tp.utils.count_params(model), "wall_s": round(time.perf_counter() - t, 1)}
-        results.setdefault(f"{ratio:g}", {})[crit] = entry
-        log(f"{name} ratio {ratio:g} {crit}: {entry}")
-    record["results"] = results
-    return record
+        record = {"model": name, "ratio": ratio, "criterion": criterion, "draw": draw,
+                  "prune_seconds": time.perf_counter() - start, **data.evaluate(model),
+                  "params": tp.utils.count_params(model), **calibration_s}
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            recalibrate_batchnorm(model, calib)
+            record.update({f"{key}_bn_recal": value for key, value in data.evaluate(model).items()})
+        records.append(record)
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    return records
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["resnet18", "vit", "efficientnet_lite0"],
-                        choices=["resnet18", "vit", "efficientnet_lite0"])
+def _key(record: dict[str, Any]) -> tuple:
+    return tuple(record[k] for k in RECORD_KEYS)
+
+
+def run_model(doc: dict[str, Any], name: str, ratios: list[float], draws: int, output: Path) -> None:
+    """Every pending (ratio, criterion) of ``name`` over ``draws``, appended to ``doc`` and written per draw."""
+    settings = doc["settings"]
+    done = {_key(r) for r in doc["runs"] if r["criterion"] != "dense"}
+    names = criteria(settings["lams"], settings["objective_scales"])
+    data = None
+    for draw in range(draws):
+        jobs = [(ratio, c) for ratio in ratios for c in names if (name, ratio, c, draw) not in done]
+        if not jobs:
+            continue
+        if data is None:
+            data = model_data(name, settings, torch.device("cpu"))
+            if not any(r["model"] == name and r["criterion"] == "dense" for r in doc["runs"]):
+                doc["runs"].append({"model": name, "criterion": "dense", "params": tp.utils.count_params(data.dense),
+                                    **data.evaluate(data.dense), **data.record})
+        code = code_version(("moonshot_plugins", "benchmarks/vision"))
+        doc["runs"] += [{**r, "code": code} for r in run_draw(name, data, draw, jobs, settings["lams"])]
+        write_atomically(output, doc)
+
+
+# -- command line ---------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python benchmarks/vision/run.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.3, 0.5],
                         help="pruning ratios of the Fashion-MNIST models")
     parser.add_argument("--effnet-ratios", nargs="+", type=float, default=[0.05, 0.1, 0.2],
@@ -266,39 +214,54 @@ def main() -> None:
     parser.add_argument("--lams", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--objective-scales", nargs="+", default=["mean", "median"], choices=["mean", "median"],
                         help="MoonshotImportance objective_scale variants to run")
-    parser.add_argument("--calib", type=int, default=512, help="Fashion-MNIST calibration images")
-    parser.add_argument("--effnet-calib", type=int, default=128)
-    parser.add_argument("--effnet-eval", type=int, default=320)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    parser.add_argument("--draws", type=int, default=3, help="calibration draws (seeds 0..N-1)")
+    parser.add_argument("--calib-images", type=int, default=512, help="Fashion-MNIST calibration images per draw")
+    parser.add_argument("--effnet-calib-crops", type=int, default=128, help="EfficientNet-Lite0 calibration crops")
+    parser.add_argument("--val-images", type=int, default=5000, help="Fashion-MNIST validation images")
+    parser.add_argument("--effnet-eval-crops", type=int, default=320,
+                        help="EfficientNet-Lite0 test (and validation) crops")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--output", type=Path, required=True, help="results JSON (resumed when it exists)")
+    parser.add_argument("--report-only", action="store_true", help="print the tables of --output and exit")
+    parser.add_argument("--docs", type=Path, default=None,
+                        help="also write the tables into this Markdown page (e.g. docs/results.md), between "
+                             "<!-- vision-torch-pruning:start --> and its end marker")
+    args = parser.parse_args(argv)
     if DEFAULT_LAM not in args.lams:
-        parser.error(f"--lams must include the default lam {DEFAULT_LAM}")
+        parser.error(f"--lams must include the default lam {DEFAULT_LAM}, got {args.lams}")
+    bad = [r for r in args.ratios + args.effnet_ratios if not 0.0 < r < 1.0]
+    if bad:
+        parser.error(f"--ratios and --effnet-ratios must be in (0, 1), got {bad}")
+    if args.draws < 1:
+        parser.error(f"--draws must be at least 1, got {args.draws}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    out = {
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()} CPU, {args.threads} torch threads, {platform.platform()}",
-        "torch": torch.__version__, "torch_pruning": tp.__version__,
-        "default_lam": DEFAULT_LAM, "lams": args.lams, "models": {},
-    }
-    if args.out.exists():  # keep other models' results when re-running a subset
-        previous = json.loads(args.out.read_text())
-        out["models"] = previous.get("models", {})
-    for name in args.models:
-        n_calib = args.effnet_calib if name == "efficientnet_lite0" else args.calib
-        ratios = args.effnet_ratios if name == "efficientnet_lite0" else args.ratios
-        t_model = time.perf_counter()
-        out["models"][name] = run_model(name, ratios, args.lams, n_calib, args.effnet_eval, tqdm.write,
-                                        tuple(args.objective_scales))
-        out["models"][name].update(command=out["command"], date=out["date"], machine=out["machine"],
-                                   model_wall_s=round(time.perf_counter() - t_model, 1))
-        out["wall_s"] = round(time.perf_counter() - start, 1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
+    settings = {"calib_images": args.calib_images, "effnet_calib_crops": args.effnet_calib_crops,
+                "val_images": args.val_images, "effnet_eval_crops": args.effnet_eval_crops,
+                "lams": args.lams, "objective_scales": args.objective_scales, "default_lam": DEFAULT_LAM,
+                "torch_pruning": tp.__version__}
+    if args.report_only and not args.output.exists():
+        raise SystemExit(f"error: no results at {args.output}; run without --report-only first")
+    doc = json.loads(args.output.read_text()) if args.output.exists() else {
+        "command": "python benchmarks/vision/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_description(), "date": str(datetime.date.today()), "settings": settings, "runs": []}
+    if not args.report_only:
+        if doc["runs"] and doc["settings"] != settings:
+            raise SystemExit(f"error: {args.output} holds runs with settings {doc['settings']}; use another --output")
+        for name in args.models:
+            run_model(doc, name, args.effnet_ratios if name == EFFICIENTNET else args.ratios, args.draws,
+                      args.output)
+    report = torch_pruning_report(doc)
+    print(report)
+    if args.docs is not None:
+        write_block(args.docs, "vision-torch-pruning", report)
+        print(f"wrote the tables into {args.docs}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,7 +17,7 @@ or with per-layer magnitude; no fine-tuning follows. Methods:
   grouped convolutions);
 * ``reconstruction``: lam 0, SparseGPT exactly; ``taylor``: lam 1, Taylor only;
 * ``moonshot``: lam = ``DEFAULT_VISION_TAYLOR_WEIGHT`` (recorded as a number);
-* ``sweep``: lam 0.1, 0.25, 0.75, 0.9 at 70% (Fashion-MNIST) or 50%
+* ``sweep``: the other lams of 0.1, 0.25, 0.5, 0.75, 0.9 at 70% (Fashion-MNIST) or 50%
   (EfficientNet-Lite0).
 
 Every model keeps its input stem and classifier dense (``IGNORE``), for every
@@ -26,15 +26,15 @@ re-estimated with :func:`~moonshot_plugins.vision.recalibrate_batchnorm` on the
 run's own calibration images (training side, never test) and it is scored again
 (``*_bn_recal``; models without BatchNorm, the ViT, have none): one prune, two scores.
 
-Data. Fashion-MNIST: validation = ``--val-images`` training images (a fixed
-permutation, seed 0); calibration draw d = ``--calib-images`` other training
-images chosen with seed d; test = the 10k test set (``top1``). EfficientNet-Lite0
-(no labelled ImageNet images ship in any package): crops of scikit-image photos
-as in ``run.py``; calibration draw d = crops of the calibration photos with seed
-1000 + d, labelled by the dense model; validation = other crops of those photos
-(seed 2); test = crops of other photos (seed 1). Scores: top-1 agreement with the
-dense model and mean KL(dense || pruned). Choices (the lam sweep) are read on
-validation, never on test.
+Data (``vision_data.py``, shared with ``run.py``). Fashion-MNIST: validation =
+``--val-images`` training images (a fixed permutation, seed 0); calibration draw
+d = ``--calib-images`` other training images chosen with seed d; test = the 10k
+test set (``top1``). EfficientNet-Lite0 (no labelled ImageNet images ship in any
+package): crops of scikit-image photos; calibration draw d = crops of the
+calibration photos with seed 1000 + d, labelled by the dense model; validation =
+other crops of those photos (seed 2); test = crops of other photos (seed 1).
+Scores: top-1 agreement with the dense model and mean KL(dense || pruned).
+Choices (the lam sweep) are read on validation, never on test.
 
 Each run records its scores, ``prune_seconds`` (the pruning call only), the
 measured sparsity and the code commit. The JSON is rewritten atomically after
@@ -48,13 +48,11 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import functools
 import json
+import os
 import pathlib
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -64,22 +62,25 @@ from tqdm.auto import tqdm
 VISION_DIR = pathlib.Path(__file__).resolve().parent
 if str(VISION_DIR) not in sys.path:
     sys.path.insert(0, str(VISION_DIR))  # models.py imports assets.py as a top-level module
-from assets import efficientnet_lite0  # noqa: E402
-from models import MODEL_NAMES, accuracy, load_split, load_trained  # noqa: E402
-from report import HEADLINE_SPARSITY, plot_unstructured, unstructured_report  # noqa: E402
-from run import CALIB_PHOTOS, EVAL_PHOTOS, agreement_and_kl, batches_of, skimage_photo_crops  # noqa: E402
+from models import MODEL_NAMES, load_trained  # noqa: E402
+from report import (  # noqa: E402
+    HEADLINE_SPARSITY, SWEEP_SPARSITY, plot_unstructured, unstructured_report, write_block,
+)
+from vision_data import (  # noqa: E402
+    EFFICIENTNET, EFFICIENTNET_BATCH, FASHION_MNIST_BATCH, ModelData, model_data,
+)
 
 from benchmarks.llm import code_version, machine_description, run_key, write_atomically  # noqa: E402
 from moonshot_plugins.vision import DEFAULT_VISION_TAYLOR_WEIGHT, moonshot_prune, recalibrate_batchnorm  # noqa: E402
 from moonshot_plugins.vision.layers import DEFAULT_TARGETS, select_layers  # noqa: E402
 
 ROOT = VISION_DIR.parents[1]
-EFFICIENTNET = "efficientnet_lite0"
 MODELS: tuple[str, ...] = (*MODEL_NAMES, EFFICIENTNET)
 SPARSITIES: dict[str, tuple[float, ...]] = {
     "resnet18": (0.5, 0.7, 0.9), "vit": (0.5, 0.7, 0.9), EFFICIENTNET: (0.3, 0.5, 0.7)}
-SWEEP_SPARSITY: dict[str, float] = {"resnet18": 0.7, "vit": 0.7, EFFICIENTNET: 0.5}
-SWEEP_LAMS: tuple[float, ...] = (0.1, 0.25, 0.75, 0.9)
+# the candidates of the default lam (docs/experiments.md, 2026-12-02); the sweep runs those that are not the default
+LAM_CANDIDATES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
+SWEEP_LAMS: tuple[float, ...] = tuple(lam for lam in LAM_CANDIDATES if lam != DEFAULT_VISION_TAYLOR_WEIGHT)
 # the single-lam methods, in the order a setting runs them
 LAM_METHODS: dict[str, float] = {"reconstruction": 0.0, "taylor": 1.0, "moonshot": DEFAULT_VISION_TAYLOR_WEIGHT}
 METHODS: tuple[str, ...] = ("magnitude", *LAM_METHODS, "sweep")
@@ -88,85 +89,11 @@ IGNORE: dict[str, tuple[str, ...]] = {  # input stem and classifier, kept dense 
 RUN_KEYS = ("model", "sparsity", "method", "taylor_weight", "draw")
 # moonshot_prune's options for every lam: one solver, one Fisher, the true (or dense-predicted) labels
 PRUNE_OPTIONS: dict[str, str] = {"fisher_mode": "token", "loss": "labels", "weight_update": "host"}
-FASHION_MNIST_BATCH, EFFICIENTNET_BATCH = 64, 16  # calibration batch sizes (images)
-CROP_DRAW_SEED = 1000  # seeds 1 and 2 are the test and validation crops
 
 
-# -- data -----------------------------------------------------------------------------
-
-@dataclass
-class ModelData:
-    """A dense model and what every run of it shares.
-
-    :param calibration: draw -> calibration batches ``(images (B, C, H, W), labels (B,))``
-    :param evaluate: model -> scores (test and ``val_`` validation; percent, KL in nats)
-    :param record: what the dense run records besides its scores
-    """
-
-    dense: nn.Module
-    calibration: Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]
-    evaluate: Callable[[nn.Module], dict[str, float]]
-    record: dict[str, Any] = field(default_factory=dict)
-
-
-def fashion_mnist_data(name: str, settings: dict[str, Any], device: torch.device) -> ModelData:
-    """The trained ``name``; validation, calibration draws and test from Fashion-MNIST."""
-    dense, training = load_trained(name)
-    train_x, train_y = load_split("train")
-    test_x, test_y = (t.to(device) for t in load_split("test"))
-    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
-    val, pool = order[: settings["val_images"]], order[settings["val_images"]:]
-    val_x, val_y = train_x[val].to(device), train_y[val].to(device)
-
-    @functools.cache
-    def calibration(draw: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(draw))
-        chosen = pool[pick[: settings["calib_images"]]]
-        return batches_of(train_x[chosen].to(device), train_y[chosen].to(device), FASHION_MNIST_BATCH)
-
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        return {"top1": accuracy(model, test_x, test_y), "val_top1": accuracy(model, val_x, val_y)}
-
-    return ModelData(dense.to(device), calibration, evaluate, {"training": training, "test_images": len(test_x)})
-
-
-@torch.no_grad()
-def _logits(model: nn.Module, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    return torch.cat([model(images[s : s + batch]) for s in range(0, len(images), batch)])
-
-
-def _per_photo(photos: tuple[str, ...], crops: int) -> int:
-    """Crops of each photo for about ``crops`` in all (at least one each)."""
-    return max(1, crops // len(photos))
-
-
-def efficientnet_data(settings: dict[str, Any], device: torch.device) -> ModelData:
-    """EfficientNet-Lite0 (ImageNet weights), scored against itself on photo crops."""
-    dense = efficientnet_lite0().to(device)
-    crops = settings["effnet_eval_crops"]
-    test_x = skimage_photo_crops(EVAL_PHOTOS, _per_photo(EVAL_PHOTOS, crops), seed=1).to(device)
-    val_x = skimage_photo_crops(CALIB_PHOTOS, _per_photo(CALIB_PHOTOS, crops), seed=2).to(device)
-    dense_test, dense_val = _logits(dense, test_x), _logits(dense, val_x)
-
-    @functools.cache
-    def calibration(draw: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        n = _per_photo(CALIB_PHOTOS, settings["effnet_calib_crops"])
-        x = skimage_photo_crops(CALIB_PHOTOS, n, seed=CROP_DRAW_SEED + draw).to(device)
-        return batches_of(x, _logits(dense, x).argmax(1), EFFICIENTNET_BATCH)
-
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        agreement, kl = agreement_and_kl(model, test_x, dense_test)
-        val_agreement, val_kl = agreement_and_kl(model, val_x, dense_val)
-        return {"agreement": agreement, "kl": kl, "val_agreement": val_agreement, "val_kl": val_kl}
-
-    record = {"test_images": len(test_x), "val_images": len(val_x),
-              "calib_photos": list(CALIB_PHOTOS), "test_photos": list(EVAL_PHOTOS)}
-    return ModelData(dense, calibration, evaluate, record)
-
-
-def model_data(name: str, settings: dict[str, Any], device: torch.device) -> ModelData:
-    """``name``'s dense model, data and scorer on ``device``; checks that its ``IGNORE`` layers exist."""
-    data = efficientnet_data(settings, device) if name == EFFICIENTNET else fashion_mnist_data(name, settings, device)
+def checked_model_data(name: str, settings: dict[str, Any], device: torch.device) -> ModelData:
+    """:func:`vision_data.model_data`, after checking that ``name``'s ``IGNORE`` layers exist."""
+    data = model_data(name, settings, device)
     modules = dict(data.dense.named_modules())
     missing = [layer for layer in IGNORE[name] if layer not in modules]
     if missing:
@@ -283,7 +210,7 @@ def run_plan(doc: dict[str, Any], plan: list[dict[str, Any]], output: pathlib.Pa
     code = code_version(("moonshot_plugins", "benchmarks/vision"))
     for run in tqdm(plan, desc="vision unstructured runs"):
         if loaded is None or loaded[0] != run["model"]:
-            loaded = (run["model"], model_data(run["model"], doc["settings"], device))
+            loaded = (run["model"], checked_model_data(run["model"], doc["settings"], device))
         record = {**run_one(run, loaded[1], device), "code": code}
         doc["runs"].append(record)
         write_atomically(output, doc)
@@ -315,6 +242,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=pathlib.Path, default=None,
                         help="results JSON (default: benchmarks/results/<date>-vision-unstructured.json)")
     parser.add_argument("--plot", type=pathlib.Path, default=ROOT / "docs" / "vision-unstructured.png")
+    parser.add_argument("--docs", type=pathlib.Path, default=None,
+                        help="also write the tables into this Markdown page (e.g. docs/results.md), between "
+                             "<!-- vision-unstructured:start --> and its end marker")
     parser.add_argument("--report-only", action="store_true",
                         help="only print the tables of --output and draw the plot, running nothing")
     args = parser.parse_args(argv)
@@ -357,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "calib_images": args.calib_images, "effnet_calib_crops": args.effnet_calib_crops,
         "val_images": args.val_images, "effnet_eval_crops": args.effnet_eval_crops,
         "calib_batch": {"fashion_mnist": FASHION_MNIST_BATCH, EFFICIENTNET: EFFICIENTNET_BATCH},
-        "default_taylor_weight": DEFAULT_VISION_TAYLOR_WEIGHT, **PRUNE_OPTIONS,
+        **PRUNE_OPTIONS,
         "ignore": {m: list(v) for m, v in IGNORE.items()}, "device": device.type,
     }
     output = args.output or ROOT / "benchmarks" / "results" / f"{datetime.date.today()}-vision-unstructured.json"
@@ -375,9 +305,14 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         if pending:
             run_plan(doc, pending, output, device)
-    print(unstructured_report(doc))
-    plot_unstructured(doc, args.plot)
+    report = unstructured_report(doc, DEFAULT_VISION_TAYLOR_WEIGHT)
+    print(report)
+    plot_unstructured(doc, args.plot, DEFAULT_VISION_TAYLOR_WEIGHT)
     print(f"wrote {args.plot}")
+    if args.docs is not None:
+        image = pathlib.Path(os.path.relpath(args.plot, args.docs.parent))
+        write_block(args.docs, "vision-unstructured", f"{report}\n![accuracy against sparsity]({image})\n")
+        print(f"wrote the tables into {args.docs}")
     return 0
 
 
