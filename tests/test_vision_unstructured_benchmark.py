@@ -105,7 +105,8 @@ def test_efficientnet_scored_against_dense_with_bn_recal(calls, tmp_path, capsys
                        "--plot", str(tmp_path / "plot.png")])
     runs = json.loads(output.read_text())["runs"]
     assert runs[0]["method"] == "dense" and runs[0]["agreement"] == 100.0 and runs[0]["kl"] == pytest.approx(0, abs=1e-6)
-    assert [(r["taylor_weight"], r["calib_images"]) for r in runs[1:]] == [(0.0, 16), (0.5, 16)]
+    default = unstructured.DEFAULT_VISION_TAYLOR_WEIGHT
+    assert [(r["taylor_weight"], r["calib_images"]) for r in runs[1:]] == [(0.0, 16), (default, 16)]
     for record in runs[1:]:
         names = ("agreement", "kl", "val_agreement", "val_kl")
         assert set(names) | {f"{n}_bn_recal" for n in names} <= record.keys()

@@ -234,11 +234,11 @@ def _validation_table(runs: list[dict], model: str, default: float) -> list[str]
     key, _ = _metric(model)
     variants = [v for v in VARIANTS if any(f"val_{key}{v[0]}" in r for r in runs if r["model"] == model)]
     lines = []
-    for sparsity in _sparsities(runs, model):
+    for sparsity in [s for s in _sparsities(runs, model) if s == SWEEP_SPARSITY.get(model)]:
         configs = sorted((c for c in _configs(runs, model, default)
                           if c[0] == "moonshot_prune" and _draws(runs, model, sparsity, c)), key=lambda c: c[1])
         if len(configs) <= 3:
-            continue  # lam 0, lam 1 and the default only: no sweep here
+            continue  # lam 0, lam 1 and the default only: the sweep has not run
         columns = [f"{split}{row}" for _, row in variants for split in ("validation", "test")]
         lines += [f"### {model} at {sparsity:.0%}: choosing lam on validation (mean ± s.e. (draws))", "",
                   "| lam | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
