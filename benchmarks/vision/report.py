@@ -84,6 +84,10 @@ def _by_draw(runs: list[dict], model: str, ratio: float, criterion: str) -> dict
             and r["criterion"] == criterion}
 
 
+def _ratios(runs: list[dict], model: str) -> list[float]:
+    return sorted({r["ratio"] for r in runs if r["model"] == model and "ratio" in r})
+
+
 def _criterion_stat(runs: list[dict], model: str, ratio: float, criterion: str, score: str) -> Stat | None:
     return _stats([r[score] for r in _by_draw(runs, model, ratio, criterion).values() if score in r])
 
@@ -91,7 +95,7 @@ def _criterion_stat(runs: list[dict], model: str, ratio: float, criterion: str, 
 def _criterion_table(runs: list[dict], model: str, default: str) -> list[str]:
     """Test score per criterion and ratio (plain, then after BN recalibration), mean ± s.e. (draws)."""
     key, label = _metric(model)
-    ratios = sorted({r["ratio"] for r in runs if r["model"] == model and "ratio" in r})
+    ratios = _ratios(runs, model)
     names = list(dict.fromkeys(r["criterion"] for r in runs if r["model"] == model and "ratio" in r))
     dense = next((r for r in runs if r["model"] == model and r["criterion"] == "dense"), {})
     lines = [f"### {model}: {label}" + (f", dense {dense[key]:.2f}" if key in dense else "")
@@ -114,7 +118,7 @@ def _scale_rows(runs: list[dict], model: str, lam: float) -> list[str]:
     """Validation score of objective_scale mean vs median at ``lam``, per ratio."""
     key, _ = _metric(model)
     rows = []
-    for ratio in sorted({r["ratio"] for r in runs if r["model"] == model and "ratio" in r}):
+    for ratio in _ratios(runs, model):
         pair = [_criterion_stat(runs, model, ratio, moonshot_name(s, lam), f"val_{key}") for s in ("mean", "median")]
         if all(pair):
             rows.append(f"| {model} | {ratio:.0%} | {_cell(pair[0])} | {_cell(pair[1])} |")
@@ -124,7 +128,7 @@ def _scale_rows(runs: list[dict], model: str, lam: float) -> list[str]:
 def _tp_target_rows(runs: list[dict], model: str, default: str) -> list[str]:
     key, _ = _metric(model)
     rows = []
-    for ratio in sorted({r["ratio"] for r in runs if r["model"] == model and "ratio" in r}):
+    for ratio in _ratios(runs, model):
         if key == "top1" and ratio not in TARGET_RATIOS:
             continue
         margin = 0.0 if key == "agreement" else TRAINED_MARGIN
