@@ -57,11 +57,10 @@ for path in (VISION_DIR, ROOT):  # sibling modules, and the repository root for 
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 from report import BASELINES, moonshot_name, torch_pruning_report, write_block  # noqa: E402
-from vision_data import EFFICIENTNET, Batches, ModelData, model_data  # noqa: E402
+from vision_data import EFFICIENTNET, Batches, ModelData, model_data, recalibrated_scores  # noqa: E402
 
 from benchmarks.llm import code_version, machine_description, write_atomically  # noqa: E402
 from moonshot_plugins.torch_pruning import MoonshotImportance, sync_vit_heads, vit_num_heads  # noqa: E402
-from moonshot_plugins.vision import recalibrate_batchnorm  # noqa: E402
 
 MODELS = ("resnet18", "vit", EFFICIENTNET)
 DEFAULT_LAM = 0.5
@@ -170,9 +169,7 @@ def run_draw(name: str, data: ModelData, draw: int, jobs: list[tuple[float, str]
         record = {"model": name, "ratio": ratio, "criterion": criterion, "draw": draw,
                   "prune_seconds": time.perf_counter() - start, **data.evaluate(model),
                   "params": tp.utils.count_params(model), **calibration_s}
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            recalibrate_batchnorm(model, calib)
-            record.update({f"{key}_bn_recal": value for key, value in data.evaluate(model).items()})
+        record.update(recalibrated_scores(model, data, calib))
         records.append(record)
         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
     return records

@@ -67,11 +67,11 @@ from report import (  # noqa: E402
     HEADLINE_SPARSITY, SWEEP_SPARSITY, plot_unstructured, unstructured_report, write_block,
 )
 from vision_data import (  # noqa: E402
-    EFFICIENTNET, EFFICIENTNET_BATCH, FASHION_MNIST_BATCH, ModelData, model_data,
+    EFFICIENTNET, EFFICIENTNET_BATCH, FASHION_MNIST_BATCH, ModelData, model_data, recalibrated_scores,
 )
 
 from benchmarks.llm import code_version, machine_description, run_key, write_atomically  # noqa: E402
-from moonshot_plugins.vision import DEFAULT_VISION_TAYLOR_WEIGHT, moonshot_prune, recalibrate_batchnorm  # noqa: E402
+from moonshot_plugins.vision import DEFAULT_VISION_TAYLOR_WEIGHT, moonshot_prune  # noqa: E402
 from moonshot_plugins.vision.layers import DEFAULT_TARGETS, select_layers  # noqa: E402
 
 ROOT = VISION_DIR.parents[1]
@@ -151,11 +151,7 @@ def run_one(run: dict[str, Any], data: ModelData, device: torch.device) -> dict[
     _synchronize(device)
     record = {**run, "prune_seconds": time.perf_counter() - start, **measured_sparsity(model, pruned),
               "calib_images": sum(len(x) for x, _ in calibration), **data.evaluate(model)}
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        recalibrate_batchnorm(model, calibration)
-        scores = data.evaluate(model)
-        record.update({f"{key}_bn_recal": value for key, value in scores.items()})
-    return record
+    return {**record, **recalibrated_scores(model, data, calibration)}
 
 
 # -- the plan -------------------------------------------------------------------------

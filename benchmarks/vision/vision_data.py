@@ -109,6 +109,17 @@ def agreement_and_kl(model: nn.Module, images: torch.Tensor, dense_logits: torch
     return agree, kl
 
 
+def recalibrated_scores(model: nn.Module, data: ModelData, calibration: Batches) -> dict[str, float]:
+    """``data.evaluate`` of ``model`` after ``recalibrate_batchnorm`` on ``calibration``, keys
+    suffixed ``_bn_recal``; empty (and ``model`` untouched) when it has no BatchNorm."""
+    from moonshot_plugins.vision import recalibrate_batchnorm
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return {}
+    recalibrate_batchnorm(model, calibration)
+    return {f"{key}_bn_recal": value for key, value in data.evaluate(model).items()}
+
+
 def fashion_mnist_data(name: str, settings: dict[str, Any], device: torch.device) -> ModelData:
     """The trained ``name``; validation, calibration draws and test from Fashion-MNIST."""
     dense, training = load_trained(name)
