@@ -372,8 +372,10 @@ def plot_unstructured(doc: dict, path: Path, default: float) -> None:
         ax.set_xticks([100 * s for s in sparsities])
         ax.set_xlabel("unstructured sparsity (%)")
         ax.set_ylabel(label)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    # one legend for all panels, below them: inside a panel it hides the curves
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes[0]), key=lambda hl: len(hl[1]))
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 * len(labels) / 4 + 0.04, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
