@@ -375,7 +375,8 @@ def plot_unstructured(doc: dict, path: Path, default: float) -> None:
     # one legend for all panels, below them: inside a panel it hides the curves
     handles, labels = max((ax.get_legend_handles_labels() for ax in axes[0]), key=lambda hl: len(hl[1]))
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.05 * len(labels) / 4 + 0.04, 1, 1))
+    legend_rows = -(-len(labels) // 4)
+    fig.tight_layout(rect=(0, 0.04 + 0.05 * legend_rows, 1, 1))  # each legend row takes ~5% of the height
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
