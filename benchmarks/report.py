@@ -22,7 +22,8 @@ from benchmarks.protocol import CLEARLY_BELOW, METHOD_KEYS, paired_ratios, ratio
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "docs" / "results.md"
-START, END = "<!-- llm-results:start -->", "<!-- llm-results:end -->"
+LLM_BLOCK = "llm-results"  # the marker name of the every-run block in docs/results.md
+START, END = f"<!-- {LLM_BLOCK}:start -->", f"<!-- {LLM_BLOCK}:end -->"
 TEXTS = ("persuasion", "python-tutorial")
 # the code column of runs recorded before benchmarks/llm.py stored each run's commit
 UNRECORDED_CODE = "before 7168533"
@@ -245,7 +246,6 @@ def write_llm_report(results_json: pathlib.Path) -> None:
                      "command and notes give each invocation); the seconds and RSS in the table "
                      "below are each run's own, not all paired"]
     lines = [
-        START,
         "## SmolLM2-135M: every run (LLM Compressor hosts)",
         "",
         "Every run of the benchmark (lam sweep, Taylor-only, sample mode, magnitude pruning included), "
@@ -286,18 +286,23 @@ def write_llm_report(results_json: pathlib.Path) -> None:
         lines.append("")
         for image in _plots(runs, pathlib.Path(results_json).stem):
             lines.append(f"![{image}]({image})")
-    lines.append(END)
-    block = "\n".join(lines)
+    write_block(RESULTS_MD, LLM_BLOCK, "\n".join(lines))
 
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Results\n\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + block + tail
+
+def write_block(page: pathlib.Path, name: str, text: str) -> None:
+    """Put ``text`` into the Markdown ``page`` between ``<!-- name:start -->`` and
+    ``<!-- name:end -->``, replacing what was there; appended as a new block when
+    the markers are absent (a missing page starts as "# Results")."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    page_text = page.read_text() if page.exists() else "# Results\n\n"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in page_text and end in page_text:
+        head, rest = page_text.split(start, 1)
+        page_text = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_MD.write_text(text)
+        page_text = page_text.rstrip("\n") + "\n\n" + block + "\n"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(page_text)
 
 
 # -- the protocol block: one section per results file -----------------------

@@ -63,20 +63,6 @@ def _verdict(stat: Stat, met: bool) -> str:
     return "incomplete" if stat[2] < MIN_DRAWS else "**met**" if met else "**missed**"
 
 
-def write_block(page: Path, name: str, text: str) -> None:
-    """Put ``text`` into the Markdown ``page`` between ``<!-- name:start -->`` and
-    ``<!-- name:end -->`` (appended as a new block when the markers are absent)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    page_text = page.read_text() if page.exists() else ""
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in page_text and end in page_text:
-        head, rest = page_text.split(start, 1)
-        page_text = head + block + rest.split(end, 1)[1]
-    else:
-        page_text = page_text.rstrip("\n") + "\n\n" + block + "\n"
-    page.write_text(page_text)
-
-
 # -- channel pruning with Torch-Pruning (run.py) --------------------------------------
 
 def _by_draw(runs: list[dict], model: str, ratio: float, criterion: str) -> dict[int, dict]:

@@ -56,10 +56,11 @@ ROOT = VISION_DIR.parents[1]
 for path in (VISION_DIR, ROOT):  # sibling modules, and the repository root for `benchmarks` and the package
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
-from report import BASELINES, moonshot_name, torch_pruning_report, write_block  # noqa: E402
+from report import BASELINES, moonshot_name, torch_pruning_report  # noqa: E402
 from vision_data import EFFICIENTNET, Batches, ModelData, model_data, recalibrated_scores  # noqa: E402
 
 from benchmarks.llm import code_version, machine_description, write_atomically  # noqa: E402
+from benchmarks.report import write_block  # noqa: E402
 from moonshot_plugins.torch_pruning import MoonshotImportance, sync_vit_heads, vit_num_heads  # noqa: E402
 
 MODELS = ("resnet18", "vit", EFFICIENTNET)

@@ -64,13 +64,14 @@ if str(VISION_DIR) not in sys.path:
     sys.path.insert(0, str(VISION_DIR))  # models.py imports assets.py as a top-level module
 from models import MODEL_NAMES, load_trained  # noqa: E402
 from report import (  # noqa: E402
-    HEADLINE_SPARSITY, SWEEP_SPARSITY, plot_unstructured, unstructured_report, write_block,
+    HEADLINE_SPARSITY, SWEEP_SPARSITY, plot_unstructured, unstructured_report,
 )
 from vision_data import (  # noqa: E402
     EFFICIENTNET, EFFICIENTNET_BATCH, FASHION_MNIST_BATCH, ModelData, model_data, recalibrated_scores,
 )
 
 from benchmarks.llm import code_version, machine_description, run_key, write_atomically  # noqa: E402
+from benchmarks.report import write_block  # noqa: E402
 from moonshot_plugins.vision import DEFAULT_VISION_TAYLOR_WEIGHT, moonshot_prune  # noqa: E402
 from moonshot_plugins.vision.layers import DEFAULT_TARGETS, select_layers  # noqa: E402
 
