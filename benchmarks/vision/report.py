@@ -63,19 +63,20 @@ def _verdict(stat: Stat, met: bool) -> str:
     return "incomplete" if stat[2] < MIN_DRAWS else "**met**" if met else "**missed**"
 
 
+def _by_draw(runs: list[dict], **fields: object) -> dict[int, dict]:
+    """The runs of one setting (every field in ``fields`` equal; a missing one reads as None), by calibration draw."""
+    return {r["draw"]: r for r in runs if "draw" in r and all(r.get(k) == v for k, v in fields.items())}
+
+
+def _score(runs: list[dict], score: str, **fields: object) -> Stat | None:
+    """``score`` of one setting (see :func:`_by_draw`) over its draws."""
+    return _stats([r[score] for r in _by_draw(runs, **fields).values() if score in r])
+
+
 # -- channel pruning with Torch-Pruning (run.py) --------------------------------------
-
-def _by_draw(runs: list[dict], model: str, ratio: float, criterion: str) -> dict[int, dict]:
-    return {r["draw"]: r for r in runs if r["model"] == model and r.get("ratio") == ratio
-            and r["criterion"] == criterion}
-
 
 def _ratios(runs: list[dict], model: str) -> list[float]:
     return sorted({r["ratio"] for r in runs if r["model"] == model and "ratio" in r})
-
-
-def _criterion_stat(runs: list[dict], model: str, ratio: float, criterion: str, score: str) -> Stat | None:
-    return _stats([r[score] for r in _by_draw(runs, model, ratio, criterion).values() if score in r])
 
 
 def _criterion_table(runs: list[dict], model: str, default: str) -> list[str]:
@@ -89,12 +90,12 @@ def _criterion_table(runs: list[dict], model: str, default: str) -> list[str]:
              "| criterion | " + " | ".join(f"{r:.0%}" for r in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
     for suffix, row in VARIANTS:
         for name in names:
-            cells = [_criterion_stat(runs, model, r, name, key + suffix) for r in ratios]
+            cells = [_score(runs, key + suffix, model=model, ratio=r, criterion=name) for r in ratios]
             if any(cells):
                 shown = f"**{name} (default)**" if name == default else name
                 lines.append(f"| {shown}{row} | " + " | ".join(map(_cell, cells)) + " |")
     if "params" in dense:
-        kept = [_criterion_stat(runs, model, r, default, "params") for r in ratios]
+        kept = [_score(runs, "params", model=model, ratio=r, criterion=default) for r in ratios]
         lines += ["", "Parameters kept by the default at " + " / ".join(f"{r:.0%}" for r in ratios) + ": "
                   + " / ".join("-" if k is None else f"{k[0] / dense['params']:.0%}" for k in kept) + "."]
     return lines + [""]
@@ -105,7 +106,8 @@ def _scale_rows(runs: list[dict], model: str, lam: float) -> list[str]:
     key, _ = _metric(model)
     rows = []
     for ratio in _ratios(runs, model):
-        pair = [_criterion_stat(runs, model, ratio, moonshot_name(s, lam), f"val_{key}") for s in ("mean", "median")]
+        pair = [_score(runs, f"val_{key}", model=model, ratio=ratio, criterion=moonshot_name(scale, lam))
+                for scale in ("mean", "median")]
         if all(pair):
             rows.append(f"| {model} | {ratio:.0%} | {_cell(pair[0])} | {_cell(pair[1])} |")
     return rows
@@ -120,13 +122,13 @@ def _tp_target_rows(runs: list[dict], model: str, default: str) -> list[str]:
         margin = 0.0 if key == "agreement" else TRAINED_MARGIN
         for suffix, row in VARIANTS:
             score = key + suffix
-            means = {c: _criterion_stat(runs, model, ratio, c, score) for c in BASELINES}
+            means = {c: _score(runs, score, model=model, ratio=ratio, criterion=c) for c in BASELINES}
             means = {c: m for c, m in means.items() if m}
-            ours = _by_draw(runs, model, ratio, default)
+            ours = _by_draw(runs, model=model, ratio=ratio, criterion=default)
             if not means or not ours or score not in next(iter(ours.values())):
                 continue
             best = max(means, key=lambda c: means[c][0])
-            theirs = _by_draw(runs, model, ratio, best)
+            theirs = _by_draw(runs, model=model, ratio=ratio, criterion=best)
             gain = _stats([ours[d][score] - theirs[d][score] for d in sorted(ours.keys() & theirs.keys())])
             rows.append(f"| {model} | {ratio:.0%}{row} | {best} | {_cell(gain)} | >= {margin:g} | "
                         f"{_verdict(gain, gain[0] >= margin)} |")
@@ -167,13 +169,12 @@ Config = tuple[str, "float | None"]  # (method, taylor_weight)
 
 def _draws(runs: list[dict], model: str, sparsity: float, config: Config) -> dict[int, dict]:
     """The runs of one setting, by calibration draw."""
-    return {r["draw"]: r for r in runs if r["model"] == model and r.get("sparsity") == sparsity
-            and (r["method"], r.get("taylor_weight")) == config}
+    return _by_draw(runs, model=model, sparsity=sparsity, method=config[0], taylor_weight=config[1])
 
 
 def _setting(runs: list[dict], model: str, sparsity: float, config: Config, score: str) -> Stat | None:
     """``score`` of one setting over its draws."""
-    return _stats([r[score] for r in _draws(runs, model, sparsity, config).values() if score in r])
+    return _score(runs, score, model=model, sparsity=sparsity, method=config[0], taylor_weight=config[1])
 
 
 def _sparsities(runs: list[dict], model: str) -> list[float]:
