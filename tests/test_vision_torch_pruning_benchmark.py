@@ -51,7 +51,11 @@ def test_every_criterion_per_draw_with_bn_recal_resumed_and_reported(run, draws,
     assert sorted((r["model"], r["criterion"], r["draw"]) for r in pruned) == sorted(
         (m, c, d) for m in ("resnet18", "vit") for c in names for d in (0, 1))
     assert draws == [("resnet18", 0), ("resnet18", 1), ("vit", 0), ("vit", 1)]
-    dense = {r["model"]: r for r in runs if r["criterion"] == "dense"}
+    dense = {r["model"]: r for r in runs if r["criterion"] == "dense" and "draw" not in r}
+    # per draw, the dense model after the same BN recalibration: the control (the ViT has no BatchNorm)
+    controls = sorted((r["model"], r["draw"]) for r in runs if r["criterion"] == "dense" and "draw" in r)
+    assert controls == [("resnet18", 0), ("resnet18", 1)]
+    assert all("top1_bn_recal" in r for r in runs if r["criterion"] == "dense" and "draw" in r)
     for record in pruned:
         assert record["params"] < dense[record["model"]]["params"] and record["code"]
         assert {"top1", "val_top1"} <= record.keys()
@@ -83,7 +87,8 @@ def test_efficientnet_scored_against_dense(run, tmp_path):
               "--output", str(output)])
     runs = json.loads(output.read_text())["runs"]
     assert runs[0]["criterion"] == "dense" and runs[0]["agreement"] == 100.0
-    for record in runs[1:]:
+    assert runs[1]["criterion"] == "dense" and runs[1]["draw"] == 0 and "agreement_bn_recal" in runs[1]  # the control
+    for record in runs[2:]:
         assert {"agreement", "kl", "val_agreement", "agreement_bn_recal", "kl_bn_recal"} <= record.keys()
 
 
@@ -98,3 +103,25 @@ def test_bad_arguments_are_named(run, argv, message, tmp_path, capsys):
         run.main([*argv, "--output", str(tmp_path / "results.json")])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def _doc(control: float) -> dict:
+    """A results file of EfficientNet-Lite0 at one ratio over 3 draws, its dense control scoring ``control``."""
+    runs = [{"model": "efficientnet_lite0", "criterion": "dense", "agreement": 100.0, "params": 10}]
+    for draw in range(3):
+        runs.append({"model": "efficientnet_lite0", "criterion": "dense", "draw": draw, "agreement_bn_recal": control})
+        for criterion, score in (("taylor", 40.0), ("moonshot_lam0.5", 42.0 + draw)):
+            runs.append({"model": "efficientnet_lite0", "ratio": 0.1, "criterion": criterion, "draw": draw,
+                         "agreement": score, "agreement_bn_recal": score - 30, "params": 8, "code": "abc"})
+    return {"command": "c", "machine": "m", "date": "d", "settings": {"default_lam": 0.5}, "runs": runs}
+
+
+def test_recalibrated_targets_are_void_where_the_dense_model_loses_to_recalibration(run):
+    from report import torch_pruning_report
+
+    void = torch_pruning_report(_doc(control=8.0))
+    assert "dense 100.00 (8.00 ± 0.00 (3) after BN recal)" in void
+    assert "| efficientnet_lite0 | 10% | taylor | 3.00 ± 0.58 (3) | >= 0 | **met** |" in void
+    assert "| efficientnet_lite0 | 10% + BN recal | taylor | 3.00 ± 0.58 (3) | >= 0 | void: dense after BN recal 8.00" in void
+    kept = torch_pruning_report(_doc(control=99.5))  # within RECAL_TOLERANCE: the recalibrated rows count
+    assert "| efficientnet_lite0 | 10% + BN recal | taylor | 3.00 ± 0.58 (3) | >= 0 | **met** |" in kept

@@ -58,7 +58,10 @@ def test_fashion_mnist_models_every_method_resumed_and_reported(calls, tmp_path,
     pruned = [r for r in runs if r["method"] != "dense"]
     # ViT, per draw: 2 sparsities x (magnitude, lam 0, lam 1, default) + the 4-lam sweep at 70%; ResNet-18: 4
     assert len(pruned) == len(calls) == 2 * (2 * 4 + 4) + 4
-    assert [r["model"] for r in runs if r["method"] == "dense"] == ["vit", "resnet18"]
+    # the dense scores, then per draw the dense model after BN recalibration (the control; no BatchNorm in the ViT)
+    controls = [(r["model"], r.get("draw"), "top1_bn_recal" in r) for r in runs if r["method"] == "dense"]
+    assert controls == [("vit", None, False), ("vit", 0, False), ("vit", 1, False),
+                        ("resnet18", None, False), ("resnet18", 0, True)]
     keys = [(r["model"], r["sparsity"], r["method"], r["taylor_weight"], r["draw"]) for r in pruned]
     assert len(set(keys)) == len(keys)
     assert {r["taylor_weight"] for r in pruned} == {None, 0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0}
@@ -91,7 +94,8 @@ def test_fashion_mnist_models_every_method_resumed_and_reported(calls, tmp_path,
     assert text.startswith("# Results\n\nkept\n") and text.count("<!-- vision-unstructured:start -->") == 1
     assert "### Targets" in text and f"![accuracy against sparsity]({plot.name})" in text
     assert calls == [] and plot.read_bytes()[:4] == b"\x89PNG"
-    for text in ("### vit: test top-1 (%)", "### resnet18: test top-1 (%)", "| magnitude + BN recal |",
+    for text in ("### vit: test top-1 (%)", "### resnet18: test top-1 (%)", "(1) after BN recal); mean",
+                 "| magnitude + BN recal |",
                  f"**MOONSHOT lam {unstructured.DEFAULT_VISION_TAYLOR_WEIGHT:g} (default)**", "choosing lam on validation", "### Targets",
                  "| default >= best single + 3 | vit | 70% | top1 |", "| default >= best single + 3 | resnet18 | 90% |",
                  "| prune time <= 1.5 x lam 0 | vit | 70% |"):
@@ -105,9 +109,10 @@ def test_efficientnet_scored_against_dense_with_bn_recal(calls, tmp_path, capsys
                        "--plot", str(tmp_path / "plot.png")])
     runs = json.loads(output.read_text())["runs"]
     assert runs[0]["method"] == "dense" and runs[0]["agreement"] == 100.0 and runs[0]["kl"] == pytest.approx(0, abs=1e-6)
+    assert runs[1]["method"] == "dense" and runs[1]["draw"] == 0 and "agreement_bn_recal" in runs[1]  # the control
     default = unstructured.DEFAULT_VISION_TAYLOR_WEIGHT
-    assert [(r["taylor_weight"], r["calib_images"]) for r in runs[1:]] == [(0.0, 16), (default, 16)]
-    for record in runs[1:]:
+    assert [(r["taylor_weight"], r["calib_images"]) for r in runs[2:]] == [(0.0, 16), (default, 16)]
+    for record in runs[2:]:
         names = ("agreement", "kl", "val_agreement", "val_kl")
         assert set(names) | {f"{n}_bn_recal" for n in names} <= record.keys()
         assert record["sparsity_measured"] == pytest.approx(0.5, abs=0.01)

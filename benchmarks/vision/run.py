@@ -28,9 +28,12 @@ Criteria, all from the same calibration draw:
 Each pruned model is scored, then its BatchNorm statistics are re-estimated on
 the draw's calibration images (``recalibrate_batchnorm``, what Torch-Pruning
 users do before comparing criteria) and it is scored again (``*_bn_recal``; the
-ViT has no BatchNorm). Validation scores (``val_*``) are for choices, never the
-test ones. One record per (model, ratio, criterion, draw); the JSON is
-rewritten atomically after each, and a rerun skips the records it holds.
+ViT has no BatchNorm). The unpruned model recalibrated the same way is the
+control (a ``dense`` record per draw): where it loses score itself, the
+recalibrated rows measure the calibration images, not the criteria. Validation
+scores (``val_*``) are for choices, never the test ones. One record per (model,
+ratio, criterion, draw); the JSON is rewritten atomically after each draw, and a
+rerun skips the records it holds.
 Tables and targets: ``report.py``.
 """
 
@@ -57,7 +60,9 @@ for path in (VISION_DIR, ROOT):  # sibling modules, and the repository root for 
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 from report import BASELINES, moonshot_name, torch_pruning_report  # noqa: E402
-from vision_data import EFFICIENTNET, Batches, ModelData, model_data, recalibrated_scores  # noqa: E402
+from vision_data import (  # noqa: E402
+    EFFICIENTNET, Batches, ModelData, dense_recalibrated_scores, model_data, recalibrated_scores,
+)
 
 from benchmarks.llm import code_version, machine_description, write_atomically  # noqa: E402
 from benchmarks.report import write_block  # noqa: E402
@@ -184,11 +189,12 @@ def run_model(doc: dict[str, Any], name: str, ratios: list[float], draws: int, o
     """Every pending (ratio, criterion) of ``name`` over ``draws``, appended to ``doc`` and written per draw."""
     settings = doc["settings"]
     done = {_key(r) for r in doc["runs"] if r["criterion"] != "dense"}
+    controls = {r["draw"] for r in doc["runs"] if r["model"] == name and r["criterion"] == "dense" and "draw" in r}
     names = criteria(settings["lams"], settings["objective_scales"])
     data = None
     for draw in range(draws):
         jobs = [(ratio, c) for ratio in ratios for c in names if (name, ratio, c, draw) not in done]
-        if not jobs:
+        if not jobs and draw in controls:
             continue
         if data is None:
             data = model_data(name, settings, torch.device("cpu"))
@@ -196,7 +202,11 @@ def run_model(doc: dict[str, Any], name: str, ratios: list[float], draws: int, o
                 doc["runs"].append({"model": name, "criterion": "dense", "params": tp.utils.count_params(data.dense),
                                     **data.evaluate(data.dense), **data.record})
         code = code_version(("moonshot_plugins", "benchmarks/vision"))
-        doc["runs"] += [{**r, "code": code} for r in run_draw(name, data, draw, jobs, settings["lams"])]
+        records = run_draw(name, data, draw, jobs, settings["lams"]) if jobs else []
+        control = dense_recalibrated_scores(data, draw) if draw not in controls else {}
+        if control:  # the dense model recalibrated on the same draw (none without BatchNorm)
+            records.insert(0, {"model": name, "criterion": "dense", "draw": draw, **control})
+        doc["runs"] += [{**r, "code": code} for r in records]
         write_atomically(output, doc)
 
 

@@ -25,6 +25,8 @@ method alike. Each pruned model is scored, then its BatchNorm statistics are
 re-estimated with :func:`~moonshot_plugins.vision.recalibrate_batchnorm` on the
 run's own calibration images (training side, never test) and it is scored again
 (``*_bn_recal``; models without BatchNorm, the ViT, have none): one prune, two scores.
+The dense model recalibrated on each draw is the control: where it loses score
+itself, the recalibrated rows measure the calibration images, not the pruning.
 
 Data (``vision_data.py``, shared with ``run.py``). Fashion-MNIST: validation =
 ``--val-images`` training images (a fixed permutation, seed 0); calibration draw
@@ -67,7 +69,8 @@ from report import (  # noqa: E402
     HEADLINE_SPARSITY, SWEEP_SPARSITY, plot_unstructured, unstructured_report,
 )
 from vision_data import (  # noqa: E402
-    EFFICIENTNET, EFFICIENTNET_BATCH, FASHION_MNIST_BATCH, ModelData, model_data, recalibrated_scores,
+    EFFICIENTNET, EFFICIENTNET_BATCH, FASHION_MNIST_BATCH, ModelData, dense_recalibrated_scores, model_data,
+    recalibrated_scores,
 )
 
 from benchmarks.llm import code_version, machine_description, run_key, write_atomically  # noqa: E402
@@ -135,8 +138,9 @@ def _synchronize(device: torch.device) -> None:
 
 def run_one(run: dict[str, Any], data: ModelData, device: torch.device) -> dict[str, Any]:
     """Prune a copy of the dense model as ``run`` says; score it before and after BatchNorm recalibration."""
-    if run["method"] == "dense":
-        return {**run, **data.evaluate(data.dense), **data.record}
+    if run["method"] == "dense":  # the dense scores, or per draw the BatchNorm recalibration's control
+        return {**run, **dense_recalibrated_scores(data, run["draw"])} if "draw" in run else \
+            {**run, **data.evaluate(data.dense), **data.record}
     model = copy.deepcopy(data.dense)
     calibration = data.calibration(run["draw"])
     ignore = IGNORE[run["model"]]
@@ -163,7 +167,8 @@ def _run(model: str, sparsity: float, method: str, taylor_weight: float | None, 
 
 def make_plan(models: list[str], sparsities: list[float] | None, methods: list[str],
               draws: int) -> list[dict[str, Any]]:
-    """Every run, in order: per model the dense scores, then the headline
+    """Every run, in order: per model the dense scores and, per draw, the dense
+    model after BatchNorm recalibration (the control; no scores without BatchNorm), then the headline
     sparsity's lam 0 / lam 1 / default over every draw, then draw by draw the
     other sparsities' lam runs, magnitude at every sparsity and the lam sweep.
 
@@ -183,6 +188,7 @@ def make_plan(models: list[str], sparsities: list[float] | None, methods: list[s
             rest += [(SWEEP_SPARSITY[model], "moonshot_prune", lam) for lam in SWEEP_LAMS]
         if first or rest:
             plan.append({"model": model, "method": "dense"})
+            plan += [{"model": model, "method": "dense", "draw": draw} for draw in range(draws)]
             plan += [_run(model, *step, draw) for steps in (first, rest) for draw in range(draws) for step in steps]
     return plan
 

@@ -18,6 +18,7 @@ calibration draw is the same images in both.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,6 +119,14 @@ def recalibrated_scores(model: nn.Module, data: ModelData, calibration: Batches)
         return {}
     recalibrate_batchnorm(model, calibration)
     return {f"{key}_bn_recal": value for key, value in data.evaluate(model).items()}
+
+
+def dense_recalibrated_scores(data: ModelData, draw: int) -> dict[str, float]:
+    """:func:`recalibrated_scores` of an unpruned copy of the dense model on draw ``draw``'s
+    calibration batches: the control for every pruned model's BatchNorm-recalibrated scores.
+    Recalibration only helps when those batches represent the data; when the dense model
+    itself loses score, the recalibrated rows measure the batches, not the pruning."""
+    return recalibrated_scores(copy.deepcopy(data.dense), data, data.calibration(draw))
 
 
 def fashion_mnist_data(name: str, settings: dict[str, Any], device: torch.device) -> ModelData:
