@@ -27,6 +27,10 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], max_batches: 
     an error the running statistics are too). Only BatchNorm runs in training
     mode, so dropout and drop-path do not disturb the averages.
 
+    The statistics are only as representative as the images: a few hundred
+    varied training images, not crops of a handful of photos (on those, the
+    unpruned EfficientNet-Lite0 keeps 6% top-1 agreement with itself).
+
     :param loader: batches of images (B, C, H, W) or ``(images, ...)`` tuples
     :param max_batches: use at most this many batches (None: all)
     :return: the number of images used
