@@ -138,9 +138,10 @@ def _synchronize(device: torch.device) -> None:
 
 def run_one(run: dict[str, Any], data: ModelData, device: torch.device) -> dict[str, Any]:
     """Prune a copy of the dense model as ``run`` says; score it before and after BatchNorm recalibration."""
-    if run["method"] == "dense":  # the dense scores, or per draw the BatchNorm recalibration's control
-        return {**run, **dense_recalibrated_scores(data, run["draw"])} if "draw" in run else \
-            {**run, **data.evaluate(data.dense), **data.record}
+    if run["method"] == "dense" and "draw" in run:  # the BatchNorm recalibration's control
+        return {**run, **dense_recalibrated_scores(data, run["draw"])}
+    if run["method"] == "dense":
+        return {**run, **data.evaluate(data.dense), **data.record}
     model = copy.deepcopy(data.dense)
     calibration = data.calibration(run["draw"])
     ignore = IGNORE[run["model"]]
