@@ -65,15 +65,19 @@ def _verdict(stat: Stat, met: bool, void: str | None = None) -> str:
     return "incomplete" if stat[2] < MIN_DRAWS else void or ("**met**" if met else "**missed**")
 
 
+def _matches(record: dict, fields: dict) -> bool:
+    """Every field in ``fields`` equal in ``record`` (a missing one reads as None)."""
+    return all(record.get(k) == v for k, v in fields.items())
+
+
 def _dense(runs: list[dict], model: str, **fields: object) -> dict:
     """``model``'s dense record (the one without a draw; ``fields`` select it), or {}."""
-    return next((r for r in runs if r["model"] == model and "draw" not in r
-                 and all(r.get(k) == v for k, v in fields.items())), {})
+    return next((r for r in runs if r["model"] == model and "draw" not in r and _matches(r, fields)), {})
 
 
 def _by_draw(runs: list[dict], **fields: object) -> dict[int, dict]:
-    """The runs of one setting (every field in ``fields`` equal; a missing one reads as None), by calibration draw."""
-    return {r["draw"]: r for r in runs if "draw" in r and all(r.get(k) == v for k, v in fields.items())}
+    """The runs of one setting (see :func:`_matches`), by calibration draw."""
+    return {r["draw"]: r for r in runs if "draw" in r and _matches(r, fields)}
 
 
 def _score(runs: list[dict], score: str, **fields: object) -> Stat | None:
@@ -88,10 +92,11 @@ def _dense_text(runs: list[dict], model: str, dense: dict, score: str, digits: i
             + (f" ({_cell(control, digits)} after BN recal)" if control else ""))
 
 
-def _recal_void(runs: list[dict], model: str, dense: dict, key: str, **fields: object) -> str | None:
+def _recal_void(runs: list[dict], model: str, key: str, **fields: object) -> str | None:
     """Why ``model``'s BN-recalibrated targets say nothing, or None: the dense model
     itself loses more than ``RECAL_TOLERANCE`` points of ``key`` to the same recalibration
-    (``fields`` select its control records), so those rows measure the calibration images."""
+    (``fields`` select its dense records), so those rows measure the calibration images."""
+    dense = _dense(runs, model, **fields)
     control = _score(runs, key + "_bn_recal", model=model, **fields)
     if control is None or key not in dense or control[0] >= dense[key] - RECAL_TOLERANCE:
         return None
@@ -140,12 +145,12 @@ def _scale_rows(runs: list[dict], model: str, lam: float) -> list[str]:
 
 def _tp_target_rows(runs: list[dict], model: str, default: str) -> list[str]:
     key, _ = _metric(model)
+    void = _recal_void(runs, model, key, criterion="dense")
     rows = []
     for ratio in _ratios(runs, model):
         if key == "top1" and ratio not in TARGET_RATIOS:
             continue
         margin = 0.0 if key == "agreement" else TRAINED_MARGIN
-        void = _recal_void(runs, model, _dense(runs, model, criterion="dense"), key, criterion="dense")
         for suffix, row in VARIANTS:
             score = key + suffix
             means = {c: _score(runs, score, model=model, ratio=ratio, criterion=c) for c in BASELINES}
@@ -315,7 +320,7 @@ def _target_rows(runs: list[dict], model: str, default: float) -> list[str]:
     """The issue's targets at every sparsity of ``model``, plain and after BN recalibration."""
     key, _ = _metric(model)
     ours = ("moonshot_prune", default)
-    void = _recal_void(runs, model, _dense(runs, model, method="dense"), key, method="dense")
+    void = _recal_void(runs, model, key, method="dense")
     rows = []
     for sparsity in _sparsities(runs, model):
         for suffix, _ in VARIANTS:
