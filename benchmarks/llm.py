@@ -61,7 +61,8 @@ EVAL_SETS = ("test", "heldout")
 
 def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
               hosts: tuple[str, ...] = ("sparsegpt", "wanda"),
-              updates: tuple[str, ...] = WEIGHT_UPDATES) -> list[dict[str, Any]]:
+              updates: tuple[str, ...] = WEIGHT_UPDATES,
+              resolve_max_iters: int | None = None) -> list[dict[str, Any]]:
     """Runs in order; host and MOONSHOT runs of one setting stay adjacent.
 
     ``core`` is the part the targets need (host, MOONSHOT token, Taylor-only);
@@ -75,15 +76,17 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     ``defaults`` is the same pairs for quality under the protocol; ``solver``
     adds each new ``weight_update`` the host has at lam 0 (the solver's gain
     alone) and at the default lam (solver + Taylor term).
-    ``sparsities`` / ``hosts`` restrict any plan, ``updates`` the solver plan; :func:`over_draws` repeats
-    each run over calibration sources and draws.
+    ``sparsities`` / ``hosts`` restrict any plan, ``updates`` the solver plan,
+    whose weight updates get ``resolve_max_iters`` when it is given;
+    :func:`over_draws` repeats each run over calibration sources and draws.
     """
     if plan not in PLANS:
         raise SystemExit(f"--plan must be one of {', '.join(PLANS)}; got {plan!r}")
     if plan == "solver":
+        cap = {} if resolve_max_iters is None else {"resolve_max_iters": resolve_max_iters}
         return [run for sp in sparsities for host in hosts for run in (
             _run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]),
-            *(_moonshot(sp, host, lam, weight_update=update) for update in updates
+            *(_moonshot(sp, host, lam, weight_update=update, **cap) for update in updates
               if update in HOST_WEIGHT_UPDATES[host] for lam in (0.0, default_settings(host, sp)[0])))]
     if plan in ("cost", "defaults"):  # adjacent pairs: the host, then MOONSHOT at its defaults
         return [run for sp in sparsities for host in hosts
@@ -315,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", action="append", choices=("sparsegpt", "wanda"), help="restrict to these hosts (repeatable)")
     parser.add_argument("--weight-update", action="append", choices=WEIGHT_UPDATES,
                         help="restrict the solver plan to these weight updates (repeatable)")
+    parser.add_argument("--resolve-max-iters", type=int, default=None,
+                        help="the solver plan's weight updates with this PCG cap (default: the modifiers')")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each evaluation text")
@@ -329,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="only print the protocol tables of --output, running nothing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of one run
     args = parser.parse_args(argv)
+    if args.resolve_max_iters is not None and (args.plan != "solver" or args.resolve_max_iters < 1):
+        parser.error(f"--resolve-max-iters needs --plan solver and a positive integer, got "
+                     f"--plan {args.plan} --resolve-max-iters {args.resolve_max_iters}")
     settings = {k: getattr(args, k) for k in ("calib_samples", "seq_len", "eval_tokens", "context")}
     if args.eval_set != "test":  # absent for the test set, so older result files still resume
         settings["eval_set"] = args.eval_set
@@ -351,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         done = {run_key({k: r[k] for k in RUN_KEYS if k in r}, doc["settings"]) for r in doc["runs"]}
         full_plan = over_draws(
             make_plan(args.plan, tuple(args.sparsity or SPARSITIES), tuple(args.host or ("sparsegpt", "wanda")),
-                      tuple(args.weight_update or WEIGHT_UPDATES)),
+                      tuple(args.weight_update or WEIGHT_UPDATES), args.resolve_max_iters),
             tuple(args.calib_source or CALIBRATION_SOURCES), args.draws)
         plan = [r for r in full_plan if run_key(r, settings) not in done]
         if doc["settings"] != settings and doc["runs"]:

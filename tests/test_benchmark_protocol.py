@@ -68,6 +68,23 @@ def test_solver_plan_pairs_each_host_with_its_own_weight_updates():
         assert [r["method"] for r in plan if r["host"] == host][0] == "host"
 
 
+def test_solver_plan_caps_only_its_weight_updates():
+    from benchmarks.llm import main, make_plan
+
+    plain = make_plan("solver", ("2:4",), ("wanda",), ("resolve",))
+    capped = make_plan("solver", ("2:4",), ("wanda",), ("resolve",), resolve_max_iters=50)
+    assert len(plain) == len(capped) == 4
+    for before, after in zip(plain, capped):  # the host and default runs stay the recorded ones
+        options = before.get("options", {})
+        if "weight_update" in options:
+            assert after["options"] == {**options, "resolve_max_iters": 50}
+        else:
+            assert after == before
+    for argv in (["--plan", "defaults", "--resolve-max-iters", "50"], ["--plan", "solver", "--resolve-max-iters", "0"]):
+        with pytest.raises(SystemExit):
+            main(argv + ["--report-only"])
+
+
 def test_ratios_pair_with_any_baseline_of_the_same_draw():
     runs = _runs({"austen": [0.8, 0.9, 1.0], "python-docs": [0.8, 0.9, 1.0]})
     runs += [{**r, "method": "other", "ppl_a": r["ppl_a"] * 2} for r in runs if r["method"] == "moonshot"]

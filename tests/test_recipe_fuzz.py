@@ -33,7 +33,7 @@ WIDTHS = (64, 128)  # the tiny Llama's input widths (hidden and intermediate siz
 SPARSEGPT_ONLY = ("row_weights", "block_size", "fisher_rows", "fisher_row_rank")
 # fields drawn less often: valid only together with others, they would make
 # most cases fail
-RARE = {"fisher_rows": 0.2, "fisher_row_rank": 0.15}
+RARE = {"fisher_rows": 0.2, "fisher_row_rank": 0.15, "resolve_max_iters": 0.2}
 BOOL_TEXT = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False,
              "1": True, "0": False, "t": True, "f": False, "y": True, "n": False}
 
@@ -99,6 +99,7 @@ VALID = {
     "weight_update": lambda v: v in ("host", "resolve", "admm"),
     "fisher_rows": lambda v: v in ("shared", "per_row"),
     "fisher_row_rank": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "resolve_max_iters": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
     "offload_fisher": lambda v: _bool(v) is not None,
     "block_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     "dampening_frac": lambda v: _number(v) and math.isfinite(v) and v >= 0,
@@ -123,6 +124,8 @@ def faults(cls, fields: dict) -> set[str]:
     sample = fields.get("fisher_mode") == "sample"
     if fields.get("taylor_weight") == "auto" and sample:
         bad |= {"taylor_weight", "fisher_mode"}
+    if "resolve_max_iters" in fields and fields.get("weight_update", "host") == "host":
+        bad |= {"resolve_max_iters", "weight_update"}
     if cls is MoonshotSparseGPTModifier:
         if _bool(fields.get("row_weights", False)) and (sample or m):
             bad |= {"row_weights", "fisher_mode", "mask_structure"}
@@ -175,6 +178,7 @@ TYPICAL = {
     "weight_update": ["host", "resolve", "admm", "ADMM", None, 0],
     "fisher_rows": ["shared", "per_row", "rows", "", None, 1],
     "fisher_row_rank": [None, 8, 2, 1, 0, -1, True, 2.5, "8"],
+    "resolve_max_iters": [None, 50, 1, 0, -3, True, 2.5, "50"],
     "offload_fisher": [True, False, "true", 1, "maybe", None],
     "block_size": [128, 64, 32, 96, 4, 3, 1, 0, -4, True, 2.5, "128"],
     "dampening_frac": [0.01, 0.0, 0.1, -0.1, float("nan"), float("inf"), None, True, "0.01"],

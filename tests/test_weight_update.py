@@ -213,3 +213,47 @@ def test_per_row_admm_with_a_sketch_keeps_2_of_4(tiny_llama_dir, loader):
 def test_bad_fisher_rows_are_rejected(fields, message):
     with pytest.raises(ValidationError, match=message):
         MoonshotSparseGPTModifier(**COMMON, **fields)
+
+
+# -- resolve_max_iters -------------------------------------------------------------------
+
+def test_resolve_max_iters_caps_the_re_solve():
+    linear, hessian = _layer(0)
+    dense = linear.weight.detach().clone()
+    _, swept = sparsify_weight(linear, {linear: hessian.clone()}, 0.5, 2, 4,
+                               block_size=128, dampening_frac=0.01, preserve_sparsity_mask=False)
+    snapshot = LayerSnapshot(dense, hessian, 0.5)
+    results = {cap: updated_weight("resolve", snapshot, swept, 0.01, 2, 4, cap) for cap in (1, 3, None, 100)}
+    objectives = [results[cap][2] for cap in (1, 3, None)]
+    assert results[1][1] > objectives[0] > objectives[1] > objectives[2]  # each iteration lowers it
+    torch.testing.assert_close(results[None][0], results[100][0], rtol=0, atol=0)  # None: the cap 100
+
+
+@pytest.mark.parametrize("host", ["sparsegpt", "wanda"])
+def test_resolve_max_iters_reaches_the_solver_of_both_modifiers(tiny_llama_dir, loader, host):
+    from moonshot_plugins import MoonshotWandaModifier
+
+    cls = MoonshotSparseGPTModifier if host == "sparsegpt" else MoonshotWandaModifier
+    fields = dict(COMMON, taylor_weight=0.0, weight_update="resolve")
+    default = _prune(tiny_llama_dir, cls(**fields), loader)
+    explicit = _prune(tiny_llama_dir, cls(**fields, resolve_max_iters=100), loader)
+    one_step = _prune(tiny_llama_dir, cls(**fields, resolve_max_iters=1), loader)
+    assert all(torch.equal(default[k], explicit[k]) for k in default)
+    assert any(not torch.equal(default[k], one_step[k]) for k in default)
+    for key in (k for k in default if ".layers.0." in k):  # same inputs: the cap moves weights, not the mask
+        assert torch.equal(default[key] != 0, one_step[key] != 0), key
+
+
+@pytest.mark.parametrize("host", ["sparsegpt", "wanda"])
+@pytest.mark.parametrize("fields, message", [
+    (dict(weight_update="resolve", resolve_max_iters=0), r"resolve_max_iters must be a positive integer .* got 0"),
+    (dict(weight_update="resolve", resolve_max_iters=True), r"resolve_max_iters must be a positive integer .* got True"),
+    (dict(weight_update="resolve", resolve_max_iters="50"), r"resolve_max_iters must be a positive integer .* got '50'"),
+    (dict(resolve_max_iters=50), r"resolve_max_iters applies only with weight_update 'resolve' or 'admm', got weight_update='host'"),
+])
+def test_bad_resolve_max_iters_is_rejected(host, fields, message):
+    from moonshot_plugins import MoonshotWandaModifier
+
+    cls = MoonshotSparseGPTModifier if host == "sparsegpt" else MoonshotWandaModifier
+    with pytest.raises(ValidationError, match=message):
+        cls(**COMMON, **fields)

@@ -24,9 +24,11 @@ from moonshot_plugins.llmcompressor.weight_update import (
     DEFAULT_FISHER_ROW_RANK,
     LayerSnapshot,
     RowFisher,
+    check_resolve_max_iters,
     updated_weight,
     validate_fisher_row_rank,
     validate_fisher_rows,
+    validate_resolve_max_iters,
     validate_weight_update,
 )
 
@@ -70,6 +72,9 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
     the sweep itself, "resolve" (its mask, the kept weights re-solved to the
     objective's exact minimum) or "admm" (mask and weights searched by ADMM,
     then re-solved); see :mod:`~moonshot_plugins.llmcompressor.weight_update`.
+    ``resolve_max_iters`` caps the re-solve's PCG iterations per layer (default
+    None: 100, 300 with ``fisher_rows: per_row``); each costs one
+    (d_out, d_in) x (d_in, d_in) product.
 
     ``fisher_rows`` (default "shared"): the Fisher of the re-solve ("resolve",
     "admm"). "shared" is the sweep's own objective. "per_row" (needs
@@ -106,6 +111,7 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
           taylor_weight: auto       # or a fixed lam in [0, 1]
           fisher_mode: "token"
           weight_update: host       # or resolve, admm
+          # resolve_max_iters: 100  # PCG cap of resolve / admm
           fisher_rows: shared       # or per_row (fisher_mode: sample, weight_update: resolve or admm)
           targets: ["Linear"]
           ignore: ["re:.*lm_head"]
@@ -123,6 +129,7 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
     weight_update: str = "host"
     fisher_rows: str = "shared"
     fisher_row_rank: int | None = DEFAULT_FISHER_ROW_RANK
+    resolve_max_iters: int | None = None
 
     @field_validator("weight_update")
     @classmethod
@@ -138,6 +145,11 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
     @classmethod
     def _check_fisher_row_rank(cls, value: object) -> int | None:
         return validate_fisher_row_rank(value)
+
+    @field_validator("resolve_max_iters", mode="before")
+    @classmethod
+    def _check_resolve_max_iters(cls, value: object) -> int | None:
+        return validate_resolve_max_iters(value)
 
     @field_validator("block_size", mode="before")
     @classmethod
@@ -173,6 +185,11 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
                 f"mask_structure={self.mask_structure!r}: an N:M mask keeps N of every M "
                 "weights in each row, so weighting rows cannot change it"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_resolve_applies(self):
+        check_resolve_max_iters(self.weight_update, self.model_fields_set)
         return self
 
     @model_validator(mode="after")
@@ -290,7 +307,7 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
                 host = standardized_weight(module)
                 new, before, after = updated_weight(
                     self.weight_update, snapshot, host.float(), self.dampening_frac,
-                    self._prune_n, self._prune_m,
+                    self._prune_n, self._prune_m, self.resolve_max_iters,
                 )
                 pruned = restore_weight(module, new.to(host.dtype))
             update_offload_parameter(module, "weight", pruned)

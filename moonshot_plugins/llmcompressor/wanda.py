@@ -9,7 +9,7 @@ from compressed_tensors.utils import (
     update_offload_parameter,
 )
 from loguru import logger
-from pydantic import PrivateAttr, field_validator
+from pydantic import PrivateAttr, field_validator, model_validator
 
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import (
     accumulate_hessian,
@@ -30,7 +30,12 @@ from moonshot_plugins.core import (
 )
 from moonshot_plugins.llmcompressor.host_fields import validate_dampening_frac
 from moonshot_plugins.llmcompressor.mixin import MoonshotModifierMixin
-from moonshot_plugins.llmcompressor.weight_update import damped_hessian
+from moonshot_plugins.llmcompressor.weight_update import (
+    check_resolve_max_iters,
+    damped_hessian,
+    resolve_iterations,
+    validate_resolve_max_iters,
+)
 
 __all__ = ["MoonshotWandaModifier"]
 
@@ -51,6 +56,8 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
     (1-lam) dw^T H dw + lam (s_H/s_F) dw^T diag(F_j) dw on Wanda's mask
     (:func:`~moonshot_plugins.core.diagonal_fisher_curvature`), damped by
     ``dampening_frac`` of its mean diagonal like SparseGPT's.
+    ``resolve_max_iters`` caps the re-solve's PCG iterations per layer
+    (default None: 100).
 
     Sample yaml:
 
@@ -62,6 +69,7 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
           mask_structure: "2:4"
           taylor_weight: 0.5
           weight_update: host       # or resolve
+          # resolve_max_iters: 100  # PCG cap of resolve
           targets: ["Linear"]
           ignore: ["re:.*lm_head"]
     ```
@@ -72,6 +80,7 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
 
     weight_update: str = "host"
     dampening_frac: float = 0.01  # of the Gram matrix's mean diagonal, for "resolve"
+    resolve_max_iters: int | None = None
 
     # per layer, H = (2/n) X^T X while weight_update != "host"
     _grams: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
@@ -89,6 +98,16 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
                 f"weight_update must be one of {list(WANDA_WEIGHT_UPDATES)} for Wanda, got {value!r}"
             )
         return value
+
+    @field_validator("resolve_max_iters", mode="before")
+    @classmethod
+    def _check_resolve_max_iters(cls, value: object) -> int | None:
+        return validate_resolve_max_iters(value)
+
+    @model_validator(mode="after")
+    def _check_resolve_applies(self):
+        check_resolve_max_iters(self.weight_update, self.model_fields_set)
+        return self
 
     def _fisher_statistic(self) -> str:
         return "diagonal"
@@ -149,7 +168,8 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
             gram = damped_hessian(self._grams.pop(module), self.dampening_frac)
             full = diagonal_fisher_curvature(gram, fisher, lam)
             dense = weight.float()
-            weight = resolve_on_mask(full, dense, ~mask, dense * ~mask).weight.to(weight.dtype)
+            iterations = resolve_iterations(self.resolve_max_iters, per_row=False)
+            weight = resolve_on_mask(full, dense, ~mask, dense * ~mask, iterations).weight.to(weight.dtype)
         else:
             weight[mask] = 0.0
         return restore_weight(module, weight)

@@ -52,6 +52,9 @@ __all__ = [
     "validate_weight_update",
     "validate_fisher_rows",
     "validate_fisher_row_rank",
+    "validate_resolve_max_iters",
+    "check_resolve_max_iters",
+    "resolve_iterations",
 ]
 
 WEIGHT_UPDATES = ("host", "resolve", "admm")
@@ -62,6 +65,10 @@ DEFAULT_FISHER_ROW_RANK = 8
 # eigenvalues in each row's system that the Jacobi preconditioner does not
 # flatten: on a random 576 x 1536 layer at k = 8, lam = 0.5 the re-solve took
 # 170 iterations to rtol 1e-4 (the shared objective: 17).
+# ``resolve_max_iters`` left unset: these caps. On real SmolLM2-135M layers at
+# lam 0, 50 iterations reach at least 99.9% of 400 iterations' improvement
+# (docs/experiments.md, 2026-12-01), but 100 stays until the protocol rows at
+# 50 agree with it.
 RESOLVE_ITERS = 100
 PER_ROW_RESOLVE_ITERS = 300
 
@@ -85,6 +92,32 @@ def validate_fisher_row_rank(value: object) -> int | None:
             f"(exact: one copy of the weight per calibration sample), got {value!r}"
         )
     return value
+
+
+def validate_resolve_max_iters(value: object) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(
+            f"resolve_max_iters must be a positive integer (PCG iterations per layer) or None "
+            f"(the default: {RESOLVE_ITERS}, {PER_ROW_RESOLVE_ITERS} with fisher_rows='per_row'), "
+            f"got {value!r}"
+        )
+    return value
+
+
+def check_resolve_max_iters(weight_update: str, fields_set: set[str]) -> None:
+    """``resolve_max_iters`` caps the re-solve, which the host's update does not run."""
+    if weight_update == "host" and "resolve_max_iters" in fields_set:
+        raise ValueError(
+            "resolve_max_iters applies only with weight_update 'resolve' or 'admm', "
+            "got weight_update='host'"
+        )
+
+
+def resolve_iterations(resolve_max_iters: int | None, per_row: bool) -> int:
+    """The re-solve's PCG cap: the field's value, else the default for the Fisher's form."""
+    if resolve_max_iters is not None:
+        return resolve_max_iters
+    return PER_ROW_RESOLVE_ITERS if per_row else RESOLVE_ITERS
 
 
 @dataclass
@@ -151,15 +184,17 @@ def updated_weight(
     dampening_frac: float,
     prune_n: int,
     prune_m: int,
+    resolve_max_iters: int | None = None,
 ) -> tuple[torch.Tensor, float, float]:
     """The new (d_out, d_in) fp32 weight, and the objective (dimensionless, in
     units of H) of the host's weight and of the new one.
 
     :param host_weight: the sweep's result, (d_out, d_in); its zeros are its mask
+    :param resolve_max_iters: PCG cap of the re-solve (None: :func:`resolve_iterations`' default)
     """
     curvature = snapshot_curvature(snapshot, dampening_frac)
     dense = snapshot.dense_weight
-    iterations = RESOLVE_ITERS if snapshot.row_fisher is None else PER_ROW_RESOLVE_ITERS
+    iterations = resolve_iterations(resolve_max_iters, snapshot.row_fisher is not None)
     if weight_update == "resolve":
         new = resolve_on_mask(curvature, dense, host_weight != 0, host_weight, iterations).weight
     else:
