@@ -77,16 +77,17 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     adds each new ``weight_update`` the host has at lam 0 (the solver's gain
     alone) and at the default lam (solver + Taylor term).
     ``sparsities`` / ``hosts`` restrict any plan, ``updates`` the solver plan,
-    whose weight updates get ``resolve_max_iters`` when it is given;
+    whose weight updates run at ``resolve_max_iters`` when it is given
+    (:func:`_recorded_cap`);
     :func:`over_draws` repeats each run over calibration sources and draws.
     """
     if plan not in PLANS:
         raise SystemExit(f"--plan must be one of {', '.join(PLANS)}; got {plan!r}")
     if plan == "solver":
-        cap = {} if resolve_max_iters is None else {"resolve_max_iters": resolve_max_iters}
         return [run for sp in sparsities for host in hosts for run in (
             _run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]),
-            *(_moonshot(sp, host, lam, weight_update=update, **cap) for update in updates
+            *(_moonshot(sp, host, lam, weight_update=update, **_recorded_cap(host, resolve_max_iters))
+              for update in updates
               if update in HOST_WEIGHT_UPDATES[host] for lam in (0.0, default_settings(host, sp)[0])))]
     if plan in ("cost", "defaults"):  # adjacent pairs: the host, then MOONSHOT at its defaults
         return [run for sp in sparsities for host in hosts
@@ -133,6 +134,16 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
                     # the 60% SparseGPT sweep started before row weights: it stays without
                     runs.append(_moonshot(sp, host, lam, row_weights=False))
     return runs
+
+
+def _recorded_cap(host: str, resolve_max_iters: int | None) -> dict[str, int]:
+    """The PCG cap a weight-update run records: the one asked for, else the
+    modifier's default; recorded only where it is not 100, the cap every
+    record without one ran at, so records stay unambiguous when a default changes."""
+    from moonshot_plugins.llmcompressor.weight_update import RESOLVE_ITERS, WANDA_RESOLVE_ITERS
+
+    cap = resolve_max_iters or {"sparsegpt": RESOLVE_ITERS, "wanda": WANDA_RESOLVE_ITERS}[host]
+    return {} if cap == RESOLVE_ITERS else {"resolve_max_iters": cap}
 
 
 def _moonshot(sparsity: str, host: str, lam: float | str, **options: Any) -> dict[str, Any]:

@@ -378,7 +378,9 @@ def _taylor_gain_table(setting: list[dict[str, Any]], configs, texts: tuple[str,
             continue
         cells = paired_ratios(setting, lambda r, c=config: _config(r) == c, texts,
                               baseline=lambda r, c=plain: _config(r) == c)
-        rows.append((f"weight_update={mine['options']['weight_update']}: lam={mine['lam']} / lam=0", cells))
+        options = dict(mine["options"])
+        update = options.pop("weight_update")
+        rows.append((f"weight_update={update}{_options_text(options)}: lam={mine['lam']} / lam=0", cells))
     if not rows:
         return []
     return [f"\n{name}: the Taylor term at equal solver (ratio to the same weight update at lam 0)",

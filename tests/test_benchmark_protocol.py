@@ -68,17 +68,21 @@ def test_solver_plan_pairs_each_host_with_its_own_weight_updates():
         assert [r["method"] for r in plan if r["host"] == host][0] == "host"
 
 
-def test_solver_plan_caps_only_its_weight_updates():
+def test_solver_plan_caps_only_its_weight_updates_and_records_caps_other_than_100():
     from benchmarks.llm import main, make_plan
 
-    plain = make_plan("solver", ("2:4",), ("wanda",), ("resolve",))
-    capped = make_plan("solver", ("2:4",), ("wanda",), ("resolve",), resolve_max_iters=50)
-    assert len(plain) == len(capped) == 4
+    def caps(plan):
+        return [r.get("options", {}).get("resolve_max_iters", "none") for r in plan]
+
+    plain = make_plan("solver", ("2:4",), ("sparsegpt", "wanda"), ("resolve",))
+    capped = make_plan("solver", ("2:4",), ("sparsegpt", "wanda"), ("resolve",), resolve_max_iters=25)
+    hundred = make_plan("solver", ("2:4",), ("sparsegpt", "wanda"), ("resolve",), resolve_max_iters=100)
+    # per host: the host run, the default (no update), then the update at lam 0 and the default lam
+    assert caps(plain) == ["none", "none", "none", "none", "none", "none", 50, 50]  # Wanda's default cap
+    assert caps(capped) == ["none", "none", 25, 25, "none", "none", 25, 25]
+    assert caps(hundred) == ["none"] * 8  # the cap every record without one ran at
     for before, after in zip(plain, capped):  # the host and default runs stay the recorded ones
-        options = before.get("options", {})
-        if "weight_update" in options:
-            assert after["options"] == {**options, "resolve_max_iters": 50}
-        else:
+        if "weight_update" not in before.get("options", {}):
             assert after == before
     for argv in (["--plan", "defaults", "--resolve-max-iters", "50"], ["--plan", "solver", "--resolve-max-iters", "0"]):
         with pytest.raises(SystemExit):

@@ -229,14 +229,14 @@ def test_resolve_max_iters_caps_the_re_solve():
     torch.testing.assert_close(results[None][0], results[100][0], rtol=0, atol=0)  # None: the cap 100
 
 
-@pytest.mark.parametrize("host", ["sparsegpt", "wanda"])
-def test_resolve_max_iters_reaches_the_solver_of_both_modifiers(tiny_llama_dir, loader, host):
+@pytest.mark.parametrize("host, default_cap", [("sparsegpt", 100), ("wanda", 50)])
+def test_resolve_max_iters_reaches_the_solver_of_both_modifiers(tiny_llama_dir, loader, host, default_cap):
     from moonshot_plugins import MoonshotWandaModifier
 
     cls = MoonshotSparseGPTModifier if host == "sparsegpt" else MoonshotWandaModifier
     fields = dict(COMMON, taylor_weight=0.0, weight_update="resolve")
     default = _prune(tiny_llama_dir, cls(**fields), loader)
-    explicit = _prune(tiny_llama_dir, cls(**fields, resolve_max_iters=100), loader)
+    explicit = _prune(tiny_llama_dir, cls(**fields, resolve_max_iters=default_cap), loader)
     one_step = _prune(tiny_llama_dir, cls(**fields, resolve_max_iters=1), loader)
     assert all(torch.equal(default[k], explicit[k]) for k in default)
     assert any(not torch.equal(default[k], one_step[k]) for k in default)

@@ -31,9 +31,9 @@ from moonshot_plugins.core import (
 from moonshot_plugins.llmcompressor.host_fields import validate_dampening_frac
 from moonshot_plugins.llmcompressor.mixin import MoonshotModifierMixin
 from moonshot_plugins.llmcompressor.weight_update import (
+    WANDA_RESOLVE_ITERS,
     check_resolve_max_iters,
     damped_hessian,
-    resolve_iterations,
     validate_resolve_max_iters,
 )
 
@@ -57,7 +57,7 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
     (:func:`~moonshot_plugins.core.diagonal_fisher_curvature`), damped by
     ``dampening_frac`` of its mean diagonal like SparseGPT's.
     ``resolve_max_iters`` caps the re-solve's PCG iterations per layer
-    (default None: 100).
+    (default None: 50, each one (d_out, d_in) x (d_in, d_in) product).
 
     Sample yaml:
 
@@ -69,7 +69,7 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
           mask_structure: "2:4"
           taylor_weight: 0.5
           weight_update: host       # or resolve
-          # resolve_max_iters: 100  # PCG cap of resolve
+          # resolve_max_iters: 50   # PCG cap of resolve
           targets: ["Linear"]
           ignore: ["re:.*lm_head"]
     ```
@@ -168,7 +168,7 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
             gram = damped_hessian(self._grams.pop(module), self.dampening_frac)
             full = diagonal_fisher_curvature(gram, fisher, lam)
             dense = weight.float()
-            iterations = resolve_iterations(self.resolve_max_iters, per_row=False)
+            iterations = WANDA_RESOLVE_ITERS if self.resolve_max_iters is None else self.resolve_max_iters
             weight = resolve_on_mask(full, dense, ~mask, dense * ~mask, iterations).weight.to(weight.dtype)
         else:
             weight[mask] = 0.0
