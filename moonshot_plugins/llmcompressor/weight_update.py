@@ -88,8 +88,12 @@ def validate_fisher_rows(value: object) -> str:
     return value  # type: ignore[return-value]
 
 
+def _positive_int_or_none(value: object) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+
+
 def validate_fisher_row_rank(value: object) -> int | None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+    if not _positive_int_or_none(value):
         raise ValueError(
             f"fisher_row_rank must be a positive integer (the sketch's rank) or None "
             f"(exact: one copy of the weight per calibration sample), got {value!r}"
@@ -98,7 +102,7 @@ def validate_fisher_row_rank(value: object) -> int | None:
 
 
 def validate_resolve_max_iters(value: object) -> int | None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+    if not _positive_int_or_none(value):
         raise ValueError(
             f"resolve_max_iters must be a positive integer (PCG iterations per layer) or None "
             f"(the default: SparseGPT {RESOLVE_ITERS}, {PER_ROW_RESOLVE_ITERS} with "
