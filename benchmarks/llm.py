@@ -140,9 +140,9 @@ def _recorded_cap(host: str, resolve_max_iters: int | None) -> dict[str, int]:
     """The PCG cap a weight-update run records: the one asked for, else the
     modifier's default; recorded only where it is not 100, the cap every
     record without one ran at, so records stay unambiguous when a default changes."""
-    from moonshot_plugins.llmcompressor.weight_update import RESOLVE_ITERS, WANDA_RESOLVE_ITERS
+    from moonshot_plugins.llmcompressor.weight_update import HOST_RESOLVE_ITERS, RESOLVE_ITERS
 
-    cap = resolve_max_iters or {"sparsegpt": RESOLVE_ITERS, "wanda": WANDA_RESOLVE_ITERS}[host]
+    cap = resolve_max_iters or HOST_RESOLVE_ITERS[host]
     return {} if cap == RESOLVE_ITERS else {"resolve_max_iters": cap}
 
 

@@ -106,7 +106,7 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
 
     @model_validator(mode="after")
     def _check_resolve_applies(self):
-        check_resolve_max_iters(self.weight_update, self.model_fields_set)
+        check_resolve_max_iters(self.weight_update, self.model_fields_set, WANDA_WEIGHT_UPDATES)
         return self
 
     def _fisher_statistic(self) -> str:

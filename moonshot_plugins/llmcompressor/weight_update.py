@@ -56,6 +56,7 @@ __all__ = [
     "check_resolve_max_iters",
     "RESOLVE_ITERS",
     "WANDA_RESOLVE_ITERS",
+    "HOST_RESOLVE_ITERS",
 ]
 
 WEIGHT_UPDATES = ("host", "resolve", "admm")
@@ -73,6 +74,7 @@ DEFAULT_FISHER_ROW_RANK = 8
 # until its own rows at 50 are run.
 RESOLVE_ITERS = 100
 WANDA_RESOLVE_ITERS = 50
+HOST_RESOLVE_ITERS = {"sparsegpt": RESOLVE_ITERS, "wanda": WANDA_RESOLVE_ITERS}
 PER_ROW_RESOLVE_ITERS = 300
 
 
@@ -111,11 +113,14 @@ def validate_resolve_max_iters(value: object) -> int | None:
     return value
 
 
-def check_resolve_max_iters(weight_update: str, fields_set: set[str]) -> None:
-    """``resolve_max_iters`` caps the re-solve, which the host's update does not run."""
+def check_resolve_max_iters(weight_update: str, fields_set: set[str],
+                            updates: tuple[str, ...] = WEIGHT_UPDATES) -> None:
+    """``resolve_max_iters`` caps the re-solve, which the host's update does not
+    run; ``updates`` are the modifier's allowed ``weight_update`` values."""
     if weight_update == "host" and "resolve_max_iters" in fields_set:
+        solved = [update for update in updates if update != "host"]
         raise ValueError(
-            "resolve_max_iters applies only with weight_update 'resolve' or 'admm', "
+            f"resolve_max_iters applies only with weight_update in {solved}, "
             "got weight_update='host'"
         )
 
