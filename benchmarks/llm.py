@@ -136,14 +136,17 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     return runs
 
 
+UNRECORDED_CAP = 100  # the PCG cap every weight-update record without one ran at
+
+
 def _recorded_cap(host: str, resolve_max_iters: int | None) -> dict[str, int]:
     """The PCG cap a weight-update run records: the one asked for, else the
-    modifier's default; recorded only where it is not 100, the cap every
-    record without one ran at, so records stay unambiguous when a default changes."""
-    from moonshot_plugins.llmcompressor.weight_update import HOST_RESOLVE_ITERS, RESOLVE_ITERS
+    modifier's default; recorded only where it is not ``UNRECORDED_CAP``, so
+    records stay unambiguous when a default changes."""
+    from moonshot_plugins.llmcompressor.weight_update import resolve_iterations
 
-    cap = resolve_max_iters or HOST_RESOLVE_ITERS[host]
-    return {} if cap == RESOLVE_ITERS else {"resolve_max_iters": cap}
+    cap = resolve_iterations(resolve_max_iters, host)
+    return {} if cap == UNRECORDED_CAP else {"resolve_max_iters": cap}
 
 
 def _moonshot(sparsity: str, host: str, lam: float | str, **options: Any) -> dict[str, Any]:

@@ -31,9 +31,9 @@ from moonshot_plugins.core import (
 from moonshot_plugins.llmcompressor.host_fields import validate_dampening_frac
 from moonshot_plugins.llmcompressor.mixin import MoonshotModifierMixin
 from moonshot_plugins.llmcompressor.weight_update import (
-    WANDA_RESOLVE_ITERS,
     check_resolve_max_iters,
     damped_hessian,
+    resolve_iterations,
     validate_resolve_max_iters,
 )
 
@@ -168,7 +168,7 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
             gram = damped_hessian(self._grams.pop(module), self.dampening_frac)
             full = diagonal_fisher_curvature(gram, fisher, lam)
             dense = weight.float()
-            iterations = WANDA_RESOLVE_ITERS if self.resolve_max_iters is None else self.resolve_max_iters
+            iterations = resolve_iterations(self.resolve_max_iters, "wanda")
             weight = resolve_on_mask(full, dense, ~mask, dense * ~mask, iterations).weight.to(weight.dtype)
         else:
             weight[mask] = 0.0

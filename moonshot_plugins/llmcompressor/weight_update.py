@@ -54,9 +54,7 @@ __all__ = [
     "validate_fisher_row_rank",
     "validate_resolve_max_iters",
     "check_resolve_max_iters",
-    "RESOLVE_ITERS",
-    "WANDA_RESOLVE_ITERS",
-    "HOST_RESOLVE_ITERS",
+    "resolve_iterations",
 ]
 
 WEIGHT_UPDATES = ("host", "resolve", "admm")
@@ -123,6 +121,14 @@ def check_resolve_max_iters(weight_update: str, fields_set: set[str],
             f"resolve_max_iters applies only with weight_update in {solved}, "
             "got weight_update='host'"
         )
+
+
+def resolve_iterations(resolve_max_iters: int | None, host: str, per_row: bool = False) -> int:
+    """The re-solve's PCG cap: the field's value, else the host's default
+    (``HOST_RESOLVE_ITERS``; ``PER_ROW_RESOLVE_ITERS`` with a per-row Fisher)."""
+    if resolve_max_iters is not None:
+        return resolve_max_iters
+    return PER_ROW_RESOLVE_ITERS if per_row else HOST_RESOLVE_ITERS[host]
 
 
 @dataclass
@@ -195,12 +201,12 @@ def updated_weight(
     units of H) of the host's weight and of the new one.
 
     :param host_weight: the sweep's result, (d_out, d_in); its zeros are its mask
-    :param resolve_max_iters: PCG cap of the re-solve (None: ``RESOLVE_ITERS``, or
-        ``PER_ROW_RESOLVE_ITERS`` with a per-row Fisher)
+    :param resolve_max_iters: PCG cap of the re-solve (None: SparseGPT's default,
+        see :func:`resolve_iterations`)
     """
     curvature = snapshot_curvature(snapshot, dampening_frac)
     dense = snapshot.dense_weight
-    iterations = resolve_max_iters or (RESOLVE_ITERS if snapshot.row_fisher is None else PER_ROW_RESOLVE_ITERS)
+    iterations = resolve_iterations(resolve_max_iters, "sparsegpt", snapshot.row_fisher is not None)
     if weight_update == "resolve":
         new = resolve_on_mask(curvature, dense, host_weight != 0, host_weight, iterations).weight
     else:
