@@ -62,7 +62,8 @@ EVAL_SETS = ("test", "heldout")
 def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
               hosts: tuple[str, ...] = ("sparsegpt", "wanda"),
               updates: tuple[str, ...] = WEIGHT_UPDATES,
-              resolve_max_iters: int | None = None) -> list[dict[str, Any]]:
+              resolve_max_iters: int | None = None,
+              update_lams: tuple[float | str, ...] | None = None) -> list[dict[str, Any]]:
     """Runs in order; host and MOONSHOT runs of one setting stay adjacent.
 
     ``core`` is the part the targets need (host, MOONSHOT token, Taylor-only);
@@ -78,7 +79,7 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     alone) and at the default lam (solver + Taylor term).
     ``sparsities`` / ``hosts`` restrict any plan, ``updates`` the solver plan,
     whose weight updates run at ``resolve_max_iters`` when it is given
-    (:func:`_recorded_cap`);
+    (:func:`_recorded_cap`) and only at ``update_lams`` when given;
     :func:`over_draws` repeats each run over calibration sources and draws.
     """
     if plan not in PLANS:
@@ -88,7 +89,8 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
             _run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]),
             *(_moonshot(sp, host, lam, weight_update=update, **_recorded_cap(host, resolve_max_iters))
               for update in updates
-              if update in HOST_WEIGHT_UPDATES[host] for lam in (0.0, default_settings(host, sp)[0])))]
+              if update in HOST_WEIGHT_UPDATES[host] for lam in (0.0, default_settings(host, sp)[0])
+              if update_lams is None or lam in update_lams))]
     if plan in ("cost", "defaults"):  # adjacent pairs: the host, then MOONSHOT at its defaults
         return [run for sp in sparsities for host in hosts
                 for run in (_run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]))]
@@ -325,6 +327,11 @@ def machine_description() -> str:
     return f"{os.cpu_count()} cores {cpu}, torch {torch.__version__}, threads {torch.get_num_threads()}"
 
 
+def _lam(text: str) -> float | str:
+    """A ``--taylor-weight`` value: "auto" or a number."""
+    return text if text == "auto" else float(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.llm", description=__doc__.splitlines()[0])
     parser.add_argument("--plan", default="all", help=" | ".join(PLANS))
@@ -334,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="restrict the solver plan to these weight updates (repeatable)")
     parser.add_argument("--resolve-max-iters", type=int, default=None,
                         help="the solver plan's weight updates with this PCG cap (default: the modifiers')")
+    parser.add_argument("--taylor-weight", action="append", type=_lam,
+                        help="restrict the solver plan's weight updates to these lams (repeatable: 0 or the default)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each evaluation text")
@@ -351,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.resolve_max_iters is not None and (args.plan != "solver" or args.resolve_max_iters < 1):
         parser.error(f"--resolve-max-iters needs --plan solver and a positive integer, got "
                      f"--plan {args.plan} --resolve-max-iters {args.resolve_max_iters}")
+    if args.taylor_weight and args.plan != "solver":
+        parser.error(f"--taylor-weight needs --plan solver, got --plan {args.plan}")
     settings = {k: getattr(args, k) for k in ("calib_samples", "seq_len", "eval_tokens", "context")}
     if args.eval_set != "test":  # absent for the test set, so older result files still resume
         settings["eval_set"] = args.eval_set
@@ -373,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         done = {run_key({k: r[k] for k in RUN_KEYS if k in r}, doc["settings"]) for r in doc["runs"]}
         full_plan = over_draws(
             make_plan(args.plan, tuple(args.sparsity or SPARSITIES), tuple(args.host or ("sparsegpt", "wanda")),
-                      tuple(args.weight_update or WEIGHT_UPDATES), args.resolve_max_iters),
+                      tuple(args.weight_update or WEIGHT_UPDATES), args.resolve_max_iters,
+                      tuple(args.taylor_weight) if args.taylor_weight else None),
             tuple(args.calib_source or CALIBRATION_SOURCES), args.draws)
         plan = [r for r in full_plan if run_key(r, settings) not in done]
         if doc["settings"] != settings and doc["runs"]:

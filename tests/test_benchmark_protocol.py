@@ -68,6 +68,16 @@ def test_solver_plan_pairs_each_host_with_its_own_weight_updates():
         assert [r["method"] for r in plan if r["host"] == host][0] == "host"
 
 
+def test_solver_plan_restricted_to_one_lam_keeps_its_pairs():
+    from benchmarks.llm import main, make_plan
+
+    plan = make_plan("solver", ("2:4",), ("sparsegpt",), ("admm",), update_lams=("auto",))
+    assert [(r["method"], r["lam"], r.get("options", {}).get("weight_update")) for r in plan] == [
+        ("host", None, None), ("moonshot", "auto", None), ("moonshot", "auto", "admm")]
+    with pytest.raises(SystemExit):
+        main(["--plan", "defaults", "--taylor-weight", "auto", "--report-only"])
+
+
 def test_solver_plan_caps_only_its_weight_updates_and_records_caps_other_than_100():
     from benchmarks.llm import main, make_plan
 
