@@ -421,6 +421,7 @@ def run_plan(doc: dict[str, Any], plan: list[dict[str, Any]], settings: dict[str
             raise SystemExit(f"run failed: {label}")
         result = json.loads(lines[-1][len("RESULT "):])
         result["code"] = code_version()
+        result["date"] = str(datetime.date.today())
         doc["runs"].append(result)
         write_atomically(output, doc)
         print("   ", {k: round(v, 2) for k, v in result.items() if isinstance(v, float)}, flush=True)

@@ -316,13 +316,16 @@ def write_protocol_block(doc: dict[str, Any], output: pathlib.Path, tables: list
     each host or setting can live in its own file."""
     runs = [r for r in doc["runs"] if "calib_source" in r]
     codes = ", ".join(sorted({r.get("code", "?") for r in runs}))
+    # runs without a date of their own ran on the file's date (its first run's)
+    days = sorted({r.get("date", doc["date"]) for r in runs} | {doc["date"]})
+    dates = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
     settings = doc["settings"]
     section = [
         f"<!-- results:{output.name} -->",
         f"Evaluation texts: the first {settings['eval_tokens']} tokens, context {settings['context']}; "
         f"{settings['calib_samples']} x {settings['seq_len']} calibration tokens. "
         f"Command: `{doc['command']}` ([raw results]({os.path.relpath(output, ROOT / 'docs')})); "
-        f"machine: {doc['machine']}; {doc['date']}; code {codes}.",
+        f"machine: {doc['machine']}; {dates}; code {codes}.",
         *tables,
         f"<!-- results:{output.name}:end -->",
     ]
