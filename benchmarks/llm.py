@@ -63,7 +63,8 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
               hosts: tuple[str, ...] = ("sparsegpt", "wanda"),
               updates: tuple[str, ...] = WEIGHT_UPDATES,
               resolve_max_iters: int | None = None,
-              update_lams: tuple[float | str, ...] | None = None) -> list[dict[str, Any]]:
+              update_lams: tuple[float | str, ...] | None = None,
+              dampening_frac: float | None = None) -> list[dict[str, Any]]:
     """Runs in order; host and MOONSHOT runs of one setting stay adjacent.
 
     ``core`` is the part the targets need (host, MOONSHOT token, Taylor-only);
@@ -79,7 +80,8 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     alone) and at the default lam (solver + Taylor term).
     ``sparsities`` / ``hosts`` restrict any plan, ``updates`` the solver plan,
     whose weight updates run at ``resolve_max_iters`` when it is given
-    (:func:`_recorded_cap`) and only at ``update_lams`` when given;
+    (:func:`_recorded_cap`), only at ``update_lams`` and with the modifiers'
+    ``dampening_frac`` when given;
     :func:`over_draws` repeats each run over calibration sources and draws.
     """
     if plan not in PLANS:
@@ -87,7 +89,8 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     if plan == "solver":
         return [run for sp in sparsities for host in hosts for run in (
             _run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]),
-            *(_moonshot(sp, host, lam, weight_update=update, **_recorded_cap(host, resolve_max_iters))
+            *(_moonshot(sp, host, lam, weight_update=update, **_recorded_cap(host, resolve_max_iters),
+                        **({} if dampening_frac is None else {"dampening_frac": dampening_frac}))
               for update in updates
               if update in HOST_WEIGHT_UPDATES[host] for lam in (0.0, default_settings(host, sp)[0])
               if update_lams is None or lam in update_lams))]
@@ -343,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the solver plan's weight updates with this PCG cap (default: the modifiers')")
     parser.add_argument("--taylor-weight", action="append", type=_lam,
                         help="restrict the solver plan's weight updates to these lams (repeatable: 0 or the default)")
+    parser.add_argument("--dampening-frac", type=float, default=None,
+                        help="the solver plan's weight updates with this damping (default: the modifiers')")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each evaluation text")
@@ -360,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.resolve_max_iters is not None and (args.plan != "solver" or args.resolve_max_iters < 1):
         parser.error(f"--resolve-max-iters needs --plan solver and a positive integer, got "
                      f"--plan {args.plan} --resolve-max-iters {args.resolve_max_iters}")
-    if args.taylor_weight and args.plan != "solver":
-        parser.error(f"--taylor-weight needs --plan solver, got --plan {args.plan}")
+    for flag, value in (("--taylor-weight", args.taylor_weight), ("--dampening-frac", args.dampening_frac)):
+        if value is not None and args.plan != "solver":
+            parser.error(f"{flag} needs --plan solver, got --plan {args.plan}")
     settings = {k: getattr(args, k) for k in ("calib_samples", "seq_len", "eval_tokens", "context")}
     if args.eval_set != "test":  # absent for the test set, so older result files still resume
         settings["eval_set"] = args.eval_set
@@ -385,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         full_plan = over_draws(
             make_plan(args.plan, tuple(args.sparsity or SPARSITIES), tuple(args.host or ("sparsegpt", "wanda")),
                       tuple(args.weight_update or WEIGHT_UPDATES), args.resolve_max_iters,
-                      tuple(args.taylor_weight) if args.taylor_weight else None),
+                      tuple(args.taylor_weight) if args.taylor_weight else None, args.dampening_frac),
             tuple(args.calib_source or CALIBRATION_SOURCES), args.draws)
         plan = [r for r in full_plan if run_key(r, settings) not in done]
         if doc["settings"] != settings and doc["runs"]:

@@ -68,14 +68,17 @@ def test_solver_plan_pairs_each_host_with_its_own_weight_updates():
         assert [r["method"] for r in plan if r["host"] == host][0] == "host"
 
 
-def test_solver_plan_restricted_to_one_lam_keeps_its_pairs():
+def test_solver_plan_restricted_to_one_lam_or_damped_keeps_its_pairs():
     from benchmarks.llm import main, make_plan
 
     plan = make_plan("solver", ("2:4",), ("sparsegpt",), ("admm",), update_lams=("auto",))
     assert [(r["method"], r["lam"], r.get("options", {}).get("weight_update")) for r in plan] == [
         ("host", None, None), ("moonshot", "auto", None), ("moonshot", "auto", "admm")]
-    with pytest.raises(SystemExit):
-        main(["--plan", "defaults", "--taylor-weight", "auto", "--report-only"])
+    damped = make_plan("solver", ("2:4",), ("sparsegpt",), ("admm",), update_lams=("auto",), dampening_frac=0.1)
+    assert [r.get("options", {}).get("dampening_frac") for r in damped] == [None, None, 0.1]
+    for flag, value in (("--taylor-weight", "auto"), ("--dampening-frac", "0.1")):
+        with pytest.raises(SystemExit):
+            main(["--plan", "defaults", flag, value, "--report-only"])
 
 
 def test_solver_plan_caps_only_its_weight_updates_and_records_caps_other_than_100():
