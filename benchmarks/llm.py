@@ -403,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     texts = HELDOUT_TEXTS if args.eval_set == "heldout" else EVALUATION_TEXTS
     tables = protocol_tables(doc["runs"], texts)  # held-out tables: for choosing defaults only
     print("\n".join(tables))
-    if args.eval_set == "test" and args.plan in ("defaults", "solver"):
+    # short-text pairs (cost files) are not protocol results: only the
+    # protocol's own settings reach docs/results.md
+    protocol_settings = settings == {k: parser.get_default(k) for k in settings}
+    if args.eval_set == "test" and args.plan in ("defaults", "solver") and protocol_settings:
         write_protocol_block(doc, output, tables)
     return 0
 

@@ -108,3 +108,22 @@ def test_ratios_pair_with_any_baseline_of_the_same_draw():
     cells = paired_ratios(runs, lambda r: r["method"] == "other", ["a"], baseline=lambda r: r["method"] == "moonshot")
     assert cells[("austen", "a")]["ratio"] == pytest.approx((2.0, 0.0))
     assert cells[("austen", "a")]["host_ppl"][0] == pytest.approx(sum((100.0 + d) * x for d, x in enumerate([0.8, 0.9, 1.0])) / 3)
+
+
+def test_only_the_protocols_settings_write_the_results_page(tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.llm as llm
+
+    written = []
+    monkeypatch.setattr(llm, "write_protocol_block", lambda doc, output, tables: written.append(output))
+    runs = [{"method": "host", "sparsity": "2:4", "host": "sparsegpt", "lam": None, "fisher_mode": "token",
+             "calib_source": "austen", "draw": 0, "ppl_persuasion": 10.0}]
+    for eval_tokens, expected in ((1024, []), (8192, ["pairs.json"])):
+        output = tmp_path / "pairs.json"
+        output.write_text(json.dumps({"command": "c", "machine": "m", "date": "2026-12-03", "runs": runs,
+                                      "settings": {"calib_samples": 32, "seq_len": 512,
+                                                   "eval_tokens": eval_tokens, "context": 1024}}))
+        written.clear()
+        llm.main(["--plan", "solver", "--eval-tokens", str(eval_tokens), "--output", str(output), "--report-only"])
+        assert [p.name for p in written] == expected
