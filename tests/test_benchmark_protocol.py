@@ -1,5 +1,6 @@
 """The evaluation protocol's draws and paired statistics (benchmarks/protocol.py)."""
 
+import json
 import math
 
 import pytest
@@ -111,8 +112,6 @@ def test_ratios_pair_with_any_baseline_of_the_same_draw():
 
 
 def test_only_the_protocols_settings_write_the_results_page(tmp_path, monkeypatch):
-    import json
-
     import benchmarks.llm as llm
 
     written = []
