@@ -48,7 +48,8 @@ LAM_SWEEP = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 def _run(method: str, sparsity: str, host: str | None = None, lam: float | str | None = None,
          fisher_mode: str = "token", **options: Any) -> dict[str, Any]:
-    """One run; ``options`` are extra MOONSHOT modifier fields (e.g. fisher_samples)."""
+    """One run; ``options`` are extra fields of its modifier (e.g. fisher_samples,
+    or the host's own dampening_frac)."""
     run = {"method": method, "sparsity": sparsity, "host": host, "lam": lam, "fisher_mode": fisher_mode}
     return {**run, "options": options} if options else run
 
@@ -81,16 +82,19 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     ``sparsities`` / ``hosts`` restrict any plan, ``updates`` the solver plan,
     whose weight updates run at ``resolve_max_iters`` when it is given
     (:func:`_recorded_cap`), only at ``update_lams`` and with the modifiers'
-    ``dampening_frac`` when given;
+    ``dampening_frac`` when given (SparseGPT then also runs at that damping);
     :func:`over_draws` repeats each run over calibration sources and draws.
     """
     if plan not in PLANS:
         raise SystemExit(f"--plan must be one of {', '.join(PLANS)}; got {plan!r}")
     if plan == "solver":
+        damping = {} if dampening_frac is None else {"dampening_frac": dampening_frac}
         return [run for sp in sparsities for host in hosts for run in (
             _run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]),
+            # the host at the same damping: the damping's own gain, apart from MOONSHOT's
+            *([_run("host", sp, host, **damping)] if damping and host == "sparsegpt" else []),
             *(_moonshot(sp, host, lam, weight_update=update, **_recorded_cap(host, resolve_max_iters),
-                        **({} if dampening_frac is None else {"dampening_frac": dampening_frac}))
+                        **damping)
               for update in updates
               if update in HOST_WEIGHT_UPDATES[host] for lam in (0.0, default_settings(host, sp)[0])
               if update_lams is None or lam in update_lams))]
@@ -275,7 +279,7 @@ def prune(model, run: dict[str, Any], loader):
         _magnitude(model, _structure(run["sparsity"]))
     elif run["method"] in ("host", "moonshot"):
         lam = run["lam"] if run["method"] == "moonshot" else None
-        extra = {"fisher_mode": run["fisher_mode"], **run.get("options", {})} if lam is not None else {}
+        extra = run.get("options", {}) if lam is None else {"fisher_mode": run["fisher_mode"], **run.get("options", {})}
         recipe = [make_modifier(run["host"], _structure(run["sparsity"]), lam, **extra)]
         model = run_oneshot(model, recipe, loader, shuffle_calibration_samples=False)
     return model

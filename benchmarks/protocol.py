@@ -110,7 +110,9 @@ def mean_and_error(values: Iterable[float]) -> tuple[float, float]:
 
 
 def is_host(run: dict[str, Any]) -> bool:
-    return run["method"] == "host"
+    """The host at its own defaults (a host run with options, e.g. another
+    ``dampening_frac``, is a configuration compared with it)."""
+    return run["method"] == "host" and not run.get("options")
 
 
 def paired_ratios(runs: list[dict[str, Any]], method: Callable[[dict], bool],

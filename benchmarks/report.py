@@ -18,7 +18,7 @@ import re
 import sys
 from typing import Any
 
-from benchmarks.protocol import CLEARLY_BELOW, METHOD_KEYS, paired_ratios, ratio_table
+from benchmarks.protocol import CLEARLY_BELOW, METHOD_KEYS, is_host, paired_ratios, ratio_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "docs" / "results.md"
@@ -38,9 +38,9 @@ def _label(run: dict[str, Any]) -> str:
     if run["method"] in ("dense", "magnitude"):
         return run["method"]
     host = {"sparsegpt": "SparseGPT", "wanda": "Wanda"}[run["host"]]
-    if run["method"] == "host":
-        return host
     options = _options_text(run.get("options", {}))
+    if run["method"] == "host":
+        return f"{host} ({options[2:]})" if options else host
     if run["lam"] == 1.0:
         return f"Taylor-only ({host}, lam=1{options})"
     return f"MOONSHOT-{host} (lam={run['lam']}, {run['fisher_mode']}{options})"
@@ -361,11 +361,33 @@ def protocol_tables(runs: list[dict[str, Any]], texts: tuple[str, ...]) -> list[
     runs = [r for r in runs if "calib_source" in r]
     for sparsity, host in dict.fromkeys((r["sparsity"], r["host"]) for r in runs if r["method"] == "host"):
         setting = [r for r in runs if r["sparsity"] == sparsity and r["host"] in (host, None)]
-        configs = dict.fromkeys(_config(r) for r in setting if r["method"] not in ("host", "dense"))
+        configs = dict.fromkeys(_config(r) for r in setting if r["method"] != "dense" and not is_host(r))
         rows = [(_label(json.loads(c)), paired_ratios(setting, lambda r, c=c: _config(r) == c, texts)) for c in configs]
         lines += [f"\n{sparsity} {host}: ratio to the host, mean ± s.e. over draws", *ratio_table(rows, texts)]
+        lines += _equal_damping_table(setting, configs, texts, f"{sparsity} {host}")
         lines += _taylor_gain_table(setting, configs, texts, f"{sparsity} {host}")
     return lines
+
+
+def _equal_damping_table(setting: list[dict[str, Any]], configs, texts: tuple[str, ...], name: str) -> list[str]:
+    """What MOONSHOT adds at equal damping: each MOONSHOT configuration with a
+    ``dampening_frac`` paired with the host run at that ``dampening_frac``."""
+    rows = []
+    for config in configs:
+        mine = json.loads(config)
+        damping = mine.get("options", {}).get("dampening_frac")
+        if mine["method"] != "moonshot" or damping is None:
+            continue
+        host = _config({**mine, "method": "host", "lam": None, "options": {"dampening_frac": damping}})
+        if host not in configs:
+            continue
+        cells = paired_ratios(setting, lambda r, c=config: _config(r) == c, texts,
+                              baseline=lambda r, c=host: _config(r) == c)
+        rows.append((_label(mine), cells))
+    if not rows:
+        return []
+    return [f"\n{name}: MOONSHOT at equal damping (ratio to the host at the same dampening_frac)",
+            *ratio_table(rows, texts)]
 
 
 def _taylor_gain_table(setting: list[dict[str, Any]], configs, texts: tuple[str, ...], name: str) -> list[str]:

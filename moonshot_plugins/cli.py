@@ -55,7 +55,8 @@ MODIFIER_DEFAULT = "default"  # make_modifier: the MOONSHOT modifier's own taylo
 
 def make_modifier(host: str, structure: dict[str, Any], taylor_weight: float | str | None, **extra):
     """The host modifier (taylor_weight None) or its MOONSHOT version
-    (taylor_weight a number, "auto", or MODIFIER_DEFAULT)."""
+    (taylor_weight a number, "auto", or MODIFIER_DEFAULT); ``extra`` are
+    further fields of that modifier (e.g. ``dampening_frac``)."""
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     from moonshot_plugins import MoonshotSparseGPTModifier, MoonshotWandaModifier
@@ -63,7 +64,7 @@ def make_modifier(host: str, structure: dict[str, Any], taylor_weight: float | s
     common = dict(structure, targets=["Linear"], ignore=["re:.*lm_head"])
     if taylor_weight is None:
         cls = {"sparsegpt": SparseGPTModifier, "wanda": WandaPruningModifier}[host]
-        return cls(**common)
+        return cls(**common, **extra)
     cls = {"sparsegpt": MoonshotSparseGPTModifier, "wanda": MoonshotWandaModifier}[host]
     if taylor_weight != MODIFIER_DEFAULT:
         extra["taylor_weight"] = taylor_weight
@@ -114,7 +115,8 @@ def run_demo(args: argparse.Namespace) -> int:
     label = args.sparsity["mask_structure"] if args.sparsity["mask_structure"] != UNSTRUCTURED else f"{args.sparsity['sparsity']:.0%}"
     moonshot_lam = MODIFIER_DEFAULT if args.taylor_weight is None else args.taylor_weight
     for lam in (None, moonshot_lam):
-        recipe = [make_modifier(args.host, args.sparsity, lam, fisher_mode=args.fisher_mode)]
+        extra = {} if lam is None else {"fisher_mode": args.fisher_mode}
+        recipe = [make_modifier(args.host, args.sparsity, lam, **extra)]
         name = HOSTS[args.host] if lam is None else f"MOONSHOT-{HOSTS[args.host]} (lam={recipe[0].taylor_weight})"
         # The previous demo output is replaced only once the new one is complete.
         start = time.perf_counter()

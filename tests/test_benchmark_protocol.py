@@ -76,7 +76,9 @@ def test_solver_plan_restricted_to_one_lam_or_damped_keeps_its_pairs():
     assert [(r["method"], r["lam"], r.get("options", {}).get("weight_update")) for r in plan] == [
         ("host", None, None), ("moonshot", "auto", None), ("moonshot", "auto", "admm")]
     damped = make_plan("solver", ("2:4",), ("sparsegpt",), ("admm",), update_lams=("auto",), dampening_frac=0.1)
-    assert [r.get("options", {}).get("dampening_frac") for r in damped] == [None, None, 0.1]
+    # the host also runs at the damping, so the damping's own gain is measured apart
+    assert [(r["method"], r.get("options", {}).get("dampening_frac")) for r in damped] == [
+        ("host", None), ("moonshot", None), ("host", 0.1), ("moonshot", 0.1)]
     for flag, value in (("--taylor-weight", "auto"), ("--dampening-frac", "0.1")):
         with pytest.raises(SystemExit):
             main(["--plan", "defaults", flag, value, "--report-only"])
@@ -126,3 +128,30 @@ def test_only_the_protocols_settings_write_the_results_page(tmp_path, monkeypatc
         written.clear()
         llm.main(["--plan", "solver", "--eval-tokens", str(eval_tokens), "--output", str(output), "--report-only"])
         assert [p.name for p in written] == expected
+
+
+def test_a_damped_host_is_a_row_and_the_baseline_of_moonshot_at_equal_damping():
+    from benchmarks.report import _label, protocol_tables
+
+    def runs_of(method, lam, options, ratio):
+        return [{"method": method, "sparsity": "2:4", "host": "sparsegpt", "lam": lam, "fisher_mode": "token",
+                 **({"options": options} if options else {}), "calib_source": source, "draw": draw,
+                 "ppl_a": (100.0 + draw) * ratio}
+                for source in ("austen", "python-docs") for draw in range(3)]
+
+    damped = {"dampening_frac": 0.1}
+    runs = (runs_of("host", None, None, 1.0) + runs_of("host", None, damped, 0.9)
+            + runs_of("moonshot", "auto", {"weight_update": "admm", **damped}, 0.72))
+    tables = "\n".join(protocol_tables(runs, ("a",)))
+    assert _label(runs[6]) == "SparseGPT (dampening_frac=0.1)"
+    ratio_block, damping_block = tables.split("MOONSHOT at equal damping")
+    assert "SparseGPT (dampening_frac=0.1) | 0.900" in ratio_block  # ratio to the undamped host
+    assert "| 0.720" in ratio_block
+    assert "| 0.800" in damping_block and "0.720" not in damping_block  # 0.72 / 0.9
+
+
+def test_host_modifier_takes_its_own_fields():
+    from moonshot_plugins.cli import make_modifier
+
+    host = make_modifier("sparsegpt", {"sparsity": 0.5, "mask_structure": "2:4"}, None, dampening_frac=0.1)
+    assert type(host).__name__ == "SparseGPTModifier" and host.dampening_frac == 0.1
