@@ -32,17 +32,16 @@ import subprocess
 import sys
 from typing import Any
 
-from benchmarks.llm import _data, code_version, make_plan, machine_description, over_draws, prune
+from benchmarks.llm import PROTOCOL_SETTINGS, _data, code_version, make_plan, machine_description, over_draws, prune
 from benchmarks.report import _label
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SETTINGS = {"calib_samples": 32, "seq_len": 512, "eval_tokens": 8192, "context": 1024}
 
 
 def _weights_file(run: dict[str, Any]) -> pathlib.Path:
     from moonshot_plugins.assets import cache_dir
 
-    key = hashlib.sha256(json.dumps({**run, **SETTINGS}, sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps({**run, **PROTOCOL_SETTINGS}, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "layer-errors" / f"{key}.pt"
 
 
@@ -59,7 +58,7 @@ def prune_and_save(run: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model_dir, loader, _ = _data(SETTINGS, run)
+    model_dir, loader, _ = _data(PROTOCOL_SETTINGS, run)
     model = prune(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), run, loader)
     weights = {n: m.weight.detach().clone() for n, m in _pruned_linears(model).items()}
     target = _weights_file(run)
@@ -74,7 +73,7 @@ def measure(runs: list[dict[str, Any]], labels: list[str]) -> dict[str, dict[str
     import torch
     from transformers import AutoModelForCausalLM
 
-    model_dir, loader, _ = _data(SETTINGS, runs[0])
+    model_dir, loader, _ = _data(PROTOCOL_SETTINGS, runs[0])
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     layers = _pruned_linears(model)
     deltas = {}
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(json.dumps({
         "command": "python -m benchmarks.layer_errors " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_description(),
-        "date": str(datetime.date.today()), "code": code_version(), "settings": SETTINGS, "sparsity": args.sparsity, "calib_source": args.calib_source, "draw": args.draw,
+        "date": str(datetime.date.today()), "code": code_version(), "settings": PROTOCOL_SETTINGS, "sparsity": args.sparsity, "calib_source": args.calib_source, "draw": args.draw,
         "methods": labels, "errors": errors,
     }, indent=1) + "\n")
     for label in labels[1:]:

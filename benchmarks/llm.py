@@ -44,6 +44,9 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 DEFAULT_LAM = 0.5  # the fixed lam (Wanda's default; SparseGPT's before "auto")
 SPARSITIES = ("2:4", "0.5", "0.6", "0.7")
 LAM_SWEEP = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+# the protocol's data settings (the parser's defaults): windows of calibration
+# tokens, tokens scored per evaluation text, and the scoring context
+PROTOCOL_SETTINGS = {"calib_samples": 32, "seq_len": 512, "eval_tokens": 8192, "context": 1024}
 
 
 def _run(method: str, sparsity: str, host: str | None = None, lam: float | str | None = None,
@@ -352,13 +355,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="restrict the solver plan's weight updates to these lams (repeatable: 0 or the default)")
     parser.add_argument("--dampening-frac", type=float, default=None,
                         help="the solver plan's weight updates with this damping (default: the modifiers')")
-    parser.add_argument("--calib-samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each evaluation text")
+    parser.add_argument("--calib-samples", type=int, default=PROTOCOL_SETTINGS["calib_samples"])
+    parser.add_argument("--seq-len", type=int, default=PROTOCOL_SETTINGS["seq_len"])
+    parser.add_argument("--eval-tokens", type=int, default=PROTOCOL_SETTINGS["eval_tokens"], help="tokens of each evaluation text")
     parser.add_argument("--calib-source", action="append", choices=CALIBRATION_SOURCES,
                         help="restrict to these calibration sources (repeatable; default: all)")
     parser.add_argument("--draws", type=int, default=3, help="calibration draws per source (seeds 0..N-1)")
-    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--context", type=int, default=PROTOCOL_SETTINGS["context"])
     parser.add_argument("--eval-set", default="test", choices=EVAL_SETS,
                         help=f"test: {', '.join(EVALUATION_TEXTS)} (the reported tables); heldout: "
                         f"{', '.join(HELDOUT_TEXTS)}, for choosing defaults without the test texts")
@@ -409,8 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(tables))
     # short-text pairs (cost files) are not protocol results: only the
     # protocol's own settings reach docs/results.md
-    protocol_settings = settings == {k: parser.get_default(k) for k in settings}
-    if args.eval_set == "test" and args.plan in ("defaults", "solver") and protocol_settings:
+    if args.eval_set == "test" and args.plan in ("defaults", "solver") and settings == PROTOCOL_SETTINGS:
         write_protocol_block(doc, output, tables)
     return 0
 
