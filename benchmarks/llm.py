@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--taylor-weight", action="append", type=_lam,
                         help="restrict the solver plan's weight updates to these lams (repeatable: 0 or the default)")
     parser.add_argument("--dampening-frac", type=float, default=None,
-                        help="the solver plan's weight updates with this damping (default: the modifiers')")
+                        help="the solver plan's weight updates, and SparseGPT beside them, with this damping "
+                        "(default: the modifiers')")
     parser.add_argument("--calib-samples", type=int, default=PROTOCOL_SETTINGS["calib_samples"])
     parser.add_argument("--seq-len", type=int, default=PROTOCOL_SETTINGS["seq_len"])
     parser.add_argument("--eval-tokens", type=int, default=PROTOCOL_SETTINGS["eval_tokens"], help="tokens of each evaluation text")

@@ -16,6 +16,7 @@ import os
 import pathlib
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.protocol import CLEARLY_BELOW, METHOD_KEYS, is_host, paired_ratios, ratio_table
@@ -364,52 +365,46 @@ def protocol_tables(runs: list[dict[str, Any]], texts: tuple[str, ...]) -> list[
         configs = dict.fromkeys(_config(r) for r in setting if r["method"] != "dense" and not is_host(r))
         rows = [(_label(json.loads(c)), paired_ratios(setting, lambda r, c=c: _config(r) == c, texts)) for c in configs]
         lines += [f"\n{sparsity} {host}: ratio to the host, mean ± s.e. over draws", *ratio_table(rows, texts)]
-        lines += _equal_damping_table(setting, configs, texts, f"{sparsity} {host}")
-        lines += _taylor_gain_table(setting, configs, texts, f"{sparsity} {host}")
+        lines += _baseline_table(setting, configs, texts, f"{sparsity} {host}: MOONSHOT at equal damping "
+                                 "(ratio to the host at the same dampening_frac)", _equal_damping_pair)
+        lines += _baseline_table(setting, configs, texts, f"{sparsity} {host}: the Taylor term at equal solver "
+                                 "(ratio to the same weight update at lam 0)", _taylor_gain_pair)
     return lines
 
 
-def _equal_damping_table(setting: list[dict[str, Any]], configs, texts: tuple[str, ...], name: str) -> list[str]:
-    """What MOONSHOT adds at equal damping: each MOONSHOT configuration with a
-    ``dampening_frac`` paired with the host run at that ``dampening_frac``."""
-    rows = []
-    for config in configs:
-        mine = json.loads(config)
-        damping = mine.get("options", {}).get("dampening_frac")
-        if mine["method"] != "moonshot" or damping is None:
-            continue
-        host = _config({**mine, "method": "host", "lam": None, "options": {"dampening_frac": damping}})
-        if host not in configs:
-            continue
-        cells = paired_ratios(setting, lambda r, c=config: _config(r) == c, texts,
-                              baseline=lambda r, c=host: _config(r) == c)
-        rows.append((_label(mine), cells))
-    if not rows:
-        return []
-    return [f"\n{name}: MOONSHOT at equal damping (ratio to the host at the same dampening_frac)",
-            *ratio_table(rows, texts)]
+def _equal_damping_pair(mine: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """A MOONSHOT configuration with a ``dampening_frac``, against the host run
+    at that ``dampening_frac``: (row label, baseline configuration)."""
+    damping = mine.get("options", {}).get("dampening_frac")
+    if mine["method"] != "moonshot" or damping is None:
+        return None
+    return _label(mine), {**mine, "method": "host", "lam": None, "options": {"dampening_frac": damping}}
 
 
-def _taylor_gain_table(setting: list[dict[str, Any]], configs, texts: tuple[str, ...], name: str) -> list[str]:
-    """What the Taylor term adds at equal solver: each weight update at its
-    default lam paired with the same update at lam 0, draw by draw."""
+def _taylor_gain_pair(mine: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """A weight update at its default lam, against the same update at lam 0."""
+    if mine["lam"] == 0.0 or "weight_update" not in mine.get("options", {}):
+        return None
+    options = dict(mine["options"])
+    update = options.pop("weight_update")
+    return f"weight_update={update}{_options_text(options)}: lam={mine['lam']} / lam=0", {**mine, "lam": 0.0}
+
+
+def _baseline_table(setting: list[dict[str, Any]], configs, texts: tuple[str, ...], title: str,
+                    pair: Callable[[dict[str, Any]], tuple[str, dict[str, Any]] | None]) -> list[str]:
+    """Each configuration ``pair`` maps to (label, baseline configuration),
+    paired draw by draw with that baseline where the setting holds it; no
+    table when none is."""
     rows = []
     for config in configs:
-        mine = json.loads(config)
-        if mine["lam"] == 0.0 or "weight_update" not in mine.get("options", {}):
+        paired = pair(json.loads(config))
+        if paired is None or _config(paired[1]) not in configs:
             continue
-        plain = _config({**mine, "lam": 0.0})
-        if plain not in configs:
-            continue
+        label, baseline = paired[0], _config(paired[1])
         cells = paired_ratios(setting, lambda r, c=config: _config(r) == c, texts,
-                              baseline=lambda r, c=plain: _config(r) == c)
-        options = dict(mine["options"])
-        update = options.pop("weight_update")
-        rows.append((f"weight_update={update}{_options_text(options)}: lam={mine['lam']} / lam=0", cells))
-    if not rows:
-        return []
-    return [f"\n{name}: the Taylor term at equal solver (ratio to the same weight update at lam 0)",
-            *ratio_table(rows, texts)]
+                              baseline=lambda r, c=baseline: _config(r) == c)
+        rows.append((label, cells))
+    return [f"\n{title}", *ratio_table(rows, texts)] if rows else []
 
 
 def _config(run: dict[str, Any]) -> str:
