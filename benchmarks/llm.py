@@ -84,7 +84,8 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     alone) and at the default lam (solver + Taylor term).
     ``sparsities`` / ``hosts`` restrict any plan, ``updates`` the solver plan,
     whose weight updates run at ``resolve_max_iters`` when it is given
-    (:func:`_recorded_cap`), only at ``update_lams`` and with the modifiers'
+    (:func:`_recorded_cap`), at ``update_lams`` when given (default: 0 and
+    the host's default; 1 is Taylor-only on the same solver) and with the modifiers'
     ``dampening_frac`` when given (SparseGPT then also runs at that damping);
     :func:`over_draws` repeats each run over calibration sources and draws.
     """
@@ -99,8 +100,8 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
             *(_moonshot(sp, host, lam, weight_update=update, **_recorded_cap(host, resolve_max_iters),
                         **damping)
               for update in updates
-              if update in HOST_WEIGHT_UPDATES[host] for lam in (0.0, default_settings(host, sp)[0])
-              if update_lams is None or lam in update_lams))]
+              if update in HOST_WEIGHT_UPDATES[host]
+              for lam in (update_lams or (0.0, default_settings(host, sp)[0]))))]
     if plan in ("cost", "defaults"):  # adjacent pairs: the host, then MOONSHOT at its defaults
         return [run for sp in sparsities for host in hosts
                 for run in (_run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]))]
@@ -352,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolve-max-iters", type=int, default=None,
                         help="the solver plan's weight updates with this PCG cap (default: the modifiers')")
     parser.add_argument("--taylor-weight", action="append", type=_lam,
-                        help="restrict the solver plan's weight updates to these lams (repeatable: 0 or the default)")
+                        help="the solver plan's weight updates at these lams (repeatable; default: 0 and the "
+                        "host's default; 1 = Taylor-only on the same solver)")
     parser.add_argument("--dampening-frac", type=float, default=None,
                         help="the solver plan's weight updates, and SparseGPT beside them, with this damping "
                         "(default: the modifiers')")

@@ -368,7 +368,10 @@ def protocol_tables(runs: list[dict[str, Any]], texts: tuple[str, ...]) -> list[
         lines += _baseline_table(setting, configs, texts, f"{sparsity} {host}: MOONSHOT at equal damping "
                                  "(ratio to the host at the same dampening_frac)", _equal_damping_pair)
         lines += _baseline_table(setting, configs, texts, f"{sparsity} {host}: the Taylor term at equal solver "
-                                 "(ratio to the same weight update at lam 0)", _taylor_gain_pair)
+                                 "(ratio to the same weight update at lam 0)", _single_objective_pair(0.0))
+        lines += _baseline_table(setting, configs, texts, f"{sparsity} {host}: the reconstruction term at equal "
+                                 "solver (ratio to the same weight update at lam 1, Taylor-only)",
+                                 _single_objective_pair(1.0))
     return lines
 
 
@@ -381,13 +384,19 @@ def _equal_damping_pair(mine: dict[str, Any]) -> tuple[str, dict[str, Any]] | No
     return _label(mine), {**mine, "method": "host", "lam": None, "options": {"dampening_frac": damping}}
 
 
-def _taylor_gain_pair(mine: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """A weight update at its default lam, against the same update at lam 0."""
-    if mine["lam"] == 0.0 or "weight_update" not in mine.get("options", {}):
-        return None
-    options = dict(mine["options"])
-    update = options.pop("weight_update")
-    return f"weight_update={update}{_options_text(options)}: lam={mine['lam']} / lam=0", {**mine, "lam": 0.0}
+def _single_objective_pair(lam: float) -> Callable[[dict[str, Any]], tuple[str, dict[str, Any]] | None]:
+    """Pairs a weight update at a mixed lam with the same update at ``lam``
+    (0: reconstruction only, 1: Taylor only), i.e. on the same solver."""
+
+    def pair(mine: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        if mine["lam"] in (0.0, 1.0) or "weight_update" not in mine.get("options", {}):
+            return None
+        options = dict(mine["options"])
+        update = options.pop("weight_update")
+        label = f"weight_update={update}{_options_text(options)}: lam={mine['lam']} / lam={lam:g}"
+        return label, {**mine, "lam": lam}
+
+    return pair
 
 
 def _baseline_table(setting: list[dict[str, Any]], configs, texts: tuple[str, ...], title: str,

@@ -150,6 +150,30 @@ def test_a_damped_host_is_a_row_and_the_baseline_of_moonshot_at_equal_damping():
     assert "| 0.800" in damping_block and "0.720" not in damping_block  # 0.72 / 0.9
 
 
+def test_taylor_only_on_the_same_solver_is_planned_on_request_and_paired_with_the_mixed_lam():
+    from benchmarks.llm import make_plan
+    from benchmarks.report import protocol_tables
+
+    plan = make_plan("solver", ("2:4",), ("sparsegpt",), ("admm",), update_lams=(1.0,))
+    assert [(r["lam"], r.get("options", {}).get("weight_update")) for r in plan][-1] == (1.0, "admm")
+    assert [r["lam"] for r in make_plan("solver", ("2:4",), ("sparsegpt",), ("admm",))][-2:] == [0.0, "auto"]
+
+    def runs_of(lam, ratio):
+        return [{"method": "moonshot", "sparsity": "2:4", "host": "sparsegpt", "lam": lam, "fisher_mode": "token",
+                 "options": {"weight_update": "admm"}, "calib_source": source, "draw": draw,
+                 "ppl_a": (100.0 + draw) * ratio}
+                for source in ("austen", "python-docs") for draw in range(3)]
+
+    host = [{**r, "method": "host", "lam": None, "options": {}, "ppl_a": 100.0 + r["draw"]} for r in runs_of(0.0, 1)]
+    for r in host:
+        del r["options"]
+    tables = "\n".join(protocol_tables(host + runs_of(0.0, 0.8) + runs_of("auto", 0.72) + runs_of(1.0, 0.9), ("a",)))
+    taylor_block, reconstruction_block = tables.split("the Taylor term at equal solver")[1].split(
+        "the reconstruction term at equal solver")
+    assert "lam=auto / lam=0 | 0.900" in taylor_block and "lam=1.0 / lam=0" not in taylor_block
+    assert "lam=auto / lam=1 | 0.800" in reconstruction_block
+
+
 def test_host_modifier_takes_its_own_fields():
     from moonshot_plugins.cli import make_modifier
 
