@@ -18,7 +18,7 @@ that run alone; host and MOONSHOT runs of one setting are adjacent in the plan
 after every run; a rerun skips runs already recorded there with the same
 settings, so the plan can be finished over several invocations.
 The protocol plans (``defaults``, ``solver``) rewrite their own section of
-docs/results.md (:func:`benchmarks.report.write_protocol_block`); the older
+docs/results.md (:func:`benchmarks.protocol_report.write_protocol_block`); the older
 single-draw tables are redrawn by ``python -m benchmarks.report``.
 """
 
@@ -37,7 +37,8 @@ import time
 from typing import Any
 
 from benchmarks.protocol import CALIBRATION_SOURCES, EVALUATION_TEXTS, HELDOUT_TEXTS, RUN_KEYS
-from benchmarks.report import default_settings, print_cost_pairs, protocol_tables, write_protocol_block
+from benchmarks.protocol_report import protocol_tables, write_protocol_block
+from benchmarks.report import default_settings, print_cost_pairs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import re
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from benchmarks.protocol import CLEARLY_BELOW, METHOD_KEYS, is_host, paired_ratios, ratio_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "docs" / "results.md"
@@ -304,121 +300,6 @@ def write_block(page: pathlib.Path, name: str, text: str) -> None:
         page_text = page_text.rstrip("\n") + "\n\n" + block + "\n"
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(page_text)
-
-
-# -- the protocol block: one section per results file -----------------------
-PROTOCOL_START, PROTOCOL_END = "<!-- protocol:start -->", "<!-- protocol:end -->"
-
-
-def write_protocol_block(doc: dict[str, Any], output: pathlib.Path, tables: list[str]) -> None:
-    """Put the protocol tables of a results file into docs/results.md, between
-    the protocol markers, as that file's own section (with its command,
-    machine, dates and commits). Sections of other results files are kept, so
-    each host or setting can live in its own file."""
-    runs = [r for r in doc["runs"] if "calib_source" in r]
-    codes = ", ".join(sorted({r.get("code", "?") for r in runs}))
-    # runs without a date of their own ran on the file's date (its first run's)
-    days = sorted({r.get("date", doc["date"]) for r in runs} | {doc["date"]})
-    dates = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
-    settings = doc["settings"]
-    section = [
-        f"<!-- results:{output.name} -->",
-        f"Evaluation texts: the first {settings['eval_tokens']} tokens, context {settings['context']}; "
-        f"{settings['calib_samples']} x {settings['seq_len']} calibration tokens. "
-        f"Command: `{doc['command']}` ([raw results]({os.path.relpath(output, ROOT / 'docs')})); "
-        f"machine: {doc['machine']}; {dates}; code {codes}.",
-        *tables,
-        f"<!-- results:{output.name}:end -->",
-    ]
-    header = [
-        "## The evaluation protocol: ratio to the host over calibration draws",
-        "",
-        "Each cell: mean ± standard error over calibration draws (seeds 0, 1, 2) of the "
-        "perplexity ratio to the host run on the same draw; rows: calibration source -> "
-        f"evaluation text. Verdict: *helps* = mean below 1 in every cell and mean + "
-        f"{CLEARLY_BELOW:g} s.e. below 1 in more than half; *mixed* = below 1 everywhere but "
-        "not clearly; *loses somewhere* = a mean at or above 1. A row with fewer than 3 draws "
-        "per cell is incomplete.",
-    ]
-    page = ROOT / "docs" / "results.md"
-    before, rest = page.read_text().split(PROTOCOL_START)
-    block, after = rest.split(PROTOCOL_END)
-    sections = protocol_sections(block)
-    sections[output.name] = "\n".join(section)
-    body = "\n\n".join(["\n".join(header), *sections.values()])
-    page.write_text(before + PROTOCOL_START + "\n" + body + "\n" + PROTOCOL_END + after)
-
-
-def protocol_sections(block: str) -> dict[str, str]:
-    """The results files' sections of a protocol block, by file name, in page order."""
-    found = re.finditer(r"<!-- results:(\S+) -->\n.*?<!-- results:\1:end -->", block, flags=re.DOTALL)
-    return {match.group(1): match.group(0) for match in found}
-
-
-def protocol_tables(runs: list[dict[str, Any]], texts: tuple[str, ...]) -> list[str]:
-    """One markdown table per (sparsity, host): every configuration's paired
-    ratio to the host per (calibration source, text) cell, mean ± s.e."""
-    lines = []
-    runs = [r for r in runs if "calib_source" in r]
-    for sparsity, host in dict.fromkeys((r["sparsity"], r["host"]) for r in runs if r["method"] == "host"):
-        setting = [r for r in runs if r["sparsity"] == sparsity and r["host"] in (host, None)]
-        configs = dict.fromkeys(_config(r) for r in setting if r["method"] != "dense" and not is_host(r))
-        rows = [(_label(json.loads(c)), paired_ratios(setting, lambda r, c=c: _config(r) == c, texts)) for c in configs]
-        lines += [f"\n{sparsity} {host}: ratio to the host, mean ± s.e. over draws", *ratio_table(rows, texts)]
-        lines += _baseline_table(setting, configs, texts, f"{sparsity} {host}: MOONSHOT at equal damping "
-                                 "(ratio to the host at the same dampening_frac)", _equal_damping_pair)
-        lines += _baseline_table(setting, configs, texts, f"{sparsity} {host}: the Taylor term at equal solver "
-                                 "(ratio to the same weight update at lam 0)", _single_objective_pair(0.0))
-        lines += _baseline_table(setting, configs, texts, f"{sparsity} {host}: the reconstruction term at equal "
-                                 "solver (ratio to the same weight update at lam 1, Taylor-only)",
-                                 _single_objective_pair(1.0))
-    return lines
-
-
-def _equal_damping_pair(mine: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """A MOONSHOT configuration with a ``dampening_frac``, against the host run
-    at that ``dampening_frac``: (row label, baseline configuration)."""
-    damping = mine.get("options", {}).get("dampening_frac")
-    if mine["method"] != "moonshot" or damping is None:
-        return None
-    return _label(mine), {**mine, "method": "host", "lam": None, "options": {"dampening_frac": damping}}
-
-
-def _single_objective_pair(lam: float) -> Callable[[dict[str, Any]], tuple[str, dict[str, Any]] | None]:
-    """Pairs a weight update at a mixed lam with the same update at ``lam``
-    (0: reconstruction only, 1: Taylor only), i.e. on the same solver."""
-
-    def pair(mine: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-        if mine["lam"] in (0.0, 1.0) or "weight_update" not in mine.get("options", {}):
-            return None
-        options = dict(mine["options"])
-        update = options.pop("weight_update")
-        label = f"weight_update={update}{_options_text(options)}: lam={mine['lam']} / lam={lam:g}"
-        return label, {**mine, "lam": lam}
-
-    return pair
-
-
-def _baseline_table(setting: list[dict[str, Any]], configs, texts: tuple[str, ...], title: str,
-                    pair: Callable[[dict[str, Any]], tuple[str, dict[str, Any]] | None]) -> list[str]:
-    """Each configuration ``pair`` maps to (label, baseline configuration),
-    paired draw by draw with that baseline where the setting holds it; no
-    table when none is."""
-    rows = []
-    for config in configs:
-        paired = pair(json.loads(config))
-        if paired is None or _config(paired[1]) not in configs:
-            continue
-        label, baseline = paired[0], _config(paired[1])
-        cells = paired_ratios(setting, lambda r, c=config: _config(r) == c, texts,
-                              baseline=lambda r, c=baseline: _config(r) == c)
-        rows.append((label, cells))
-    return [f"\n{title}", *ratio_table(rows, texts)] if rows else []
-
-
-def _config(run: dict[str, Any]) -> str:
-    """A run's method configuration (everything but calibration source and draw), as JSON."""
-    return json.dumps({k: run[k] for k in METHOD_KEYS if k in run}, sort_keys=True)
 
 
 def print_cost_pairs(runs: list[dict[str, Any]]) -> None:

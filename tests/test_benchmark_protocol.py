@@ -131,7 +131,8 @@ def test_only_the_protocols_settings_write_the_results_page(tmp_path, monkeypatc
 
 
 def test_a_damped_host_is_a_row_and_the_baseline_of_moonshot_at_equal_damping():
-    from benchmarks.report import _label, protocol_tables
+    from benchmarks.protocol_report import protocol_tables
+    from benchmarks.report import _label
 
     def runs_of(method, lam, options, ratio):
         return [{"method": method, "sparsity": "2:4", "host": "sparsegpt", "lam": lam, "fisher_mode": "token",
@@ -152,7 +153,7 @@ def test_a_damped_host_is_a_row_and_the_baseline_of_moonshot_at_equal_damping():
 
 def test_taylor_only_on_the_same_solver_is_planned_on_request_and_paired_with_the_mixed_lam():
     from benchmarks.llm import make_plan
-    from benchmarks.report import protocol_tables
+    from benchmarks.protocol_report import protocol_tables
 
     plan = make_plan("solver", ("2:4",), ("sparsegpt",), ("admm",), update_lams=(1.0,))
     assert [(r["lam"], r.get("options", {}).get("weight_update")) for r in plan][-1] == (1.0, "admm")

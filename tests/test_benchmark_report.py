@@ -96,7 +96,7 @@ def test_protocol_block_keeps_one_section_per_results_file(tmp_path, monkeypatch
     the block and keeps the other files' sections and the rest of the page."""
     import pathlib
 
-    from benchmarks import report
+    from benchmarks import protocol_report as report
 
     page = tmp_path / "docs" / "results.md"
     page.parent.mkdir()
