@@ -32,7 +32,8 @@ import subprocess
 import sys
 from typing import Any
 
-from benchmarks.llm import PROTOCOL_SETTINGS, _data, code_version, make_plan, machine_description, over_draws, prune
+from benchmarks.llm import PROTOCOL_SETTINGS, code_version, make_plan, machine_description, over_draws
+from benchmarks.llm_run import prune, run_data
 from benchmarks.report import _label
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def prune_and_save(run: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model_dir, loader, _ = _data(PROTOCOL_SETTINGS, run)
+    model_dir, loader, _ = run_data(PROTOCOL_SETTINGS, run)
     model = prune(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), run, loader)
     weights = {n: m.weight.detach().clone() for n, m in _pruned_linears(model).items()}
     target = _weights_file(run)
@@ -73,7 +74,7 @@ def measure(runs: list[dict[str, Any]], labels: list[str]) -> dict[str, dict[str
     import torch
     from transformers import AutoModelForCausalLM
 
-    model_dir, loader, _ = _data(PROTOCOL_SETTINGS, runs[0])
+    model_dir, loader, _ = run_data(PROTOCOL_SETTINGS, runs[0])
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     layers = _pruned_linears(model)
     deltas = {}

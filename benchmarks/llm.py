@@ -12,8 +12,8 @@ source (Austen novels, Python docs), scored on the first ``--eval-tokens``
 tokens of each evaluation text (``--eval-set test``) or of the held-out texts
 that choose defaults (``--eval-set heldout``), context ``--context``.
 
-Every run is a separate child process, so its wall time and peak RSS belong to
-that run alone; host and MOONSHOT runs of one setting are adjacent in the plan
+Every run is a separate child process (:mod:`benchmarks.llm_run`), so its wall
+time and peak RSS belong to that run alone; host and MOONSHOT runs of one setting are adjacent in the plan
 (paired under the same machine load). Results are appended to the JSON file
 after every run; a rerun skips runs already recorded there with the same
 settings, so the plan can be finished over several invocations.
@@ -30,10 +30,8 @@ import json
 import os
 import pathlib
 import platform
-import resource
 import subprocess
 import sys
-import time
 from typing import Any
 
 from benchmarks.protocol import CALIBRATION_SOURCES, EVALUATION_TEXTS, HELDOUT_TEXTS, RUN_KEYS
@@ -191,139 +189,6 @@ def run_key(run: dict[str, Any], settings: dict[str, Any]) -> str:
     return json.dumps({**run, **settings}, sort_keys=True)
 
 
-# -- one run, in a child process -------------------------------------------
-def _data(settings: dict[str, Any], run: dict[str, Any]):
-    """Calibration loader of the run's (source, draw) and evaluation ids
-    (token ids cached on disk), see :mod:`benchmarks.protocol`."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from benchmarks.protocol import EVALUATION_TEXTS, HELDOUT_TEXTS, draw_loader, text_sources
-    from moonshot_plugins.assets import cache_dir, smollm2_dir
-    from moonshot_plugins.lm import tokenize
-
-    model_dir = smollm2_dir()
-    cache = cache_dir() / "benchmark-protocol-tokens.pt"
-    ids = torch.load(cache) if cache.exists() else {}
-    texts = text_sources()
-    if set(texts) - set(ids):
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        ids = {name: ids[name] if name in ids else tokenize(tokenizer, text())
-               for name, text in texts.items()}
-        torch.save(ids, cache)
-    loader = None
-    if "calib_source" in run:
-        loader = draw_loader(ids[run["calib_source"]], settings["calib_samples"], settings["seq_len"], run["draw"])
-    names = HELDOUT_TEXTS if settings.get("eval_set") == "heldout" else EVALUATION_TEXTS
-    evals = {k: ids[k][: settings["eval_tokens"]] for k in names}
-    return model_dir, loader, evals
-
-
-def _structure(sparsity: str) -> dict[str, Any]:
-    from moonshot_plugins.core.mask_structure import sparsity_settings
-
-    return sparsity_settings(sparsity)
-
-
-def _magnitude(model, structure: dict[str, Any]) -> None:
-    """Per-output-row magnitude pruning of every Linear but lm_head (no data)."""
-    import torch
-
-    from moonshot_plugins.core import row_wise_mask
-    from moonshot_plugins.core.mask_structure import parse_mask_structure
-
-    n, m = parse_mask_structure(structure["mask_structure"])
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-                mask = row_wise_mask(module.weight.abs(), structure["sparsity"], n, m)
-                module.weight[mask] = 0.0
-
-
-class _PeakAnonymousMemory:
-    """Peak anonymous resident memory (RssAnon, Linux) while the block runs,
-    sampled every 0.2 s. Peak RSS also counts file-backed pages: SmolLM2's
-    weights are memory-mapped from model.safetensors, and a pass that touches
-    them all adds the file's size to RSS without allocating anything."""
-
-    def __enter__(self) -> "_PeakAnonymousMemory":
-        import threading
-
-        self.peak_mb = self._now()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.2):
-            self.peak_mb = max(self.peak_mb, self._now())
-
-    @staticmethod
-    def _now() -> float:
-        try:
-            for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return float("nan")
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, self._now())
-
-
-def prune(model, run: dict[str, Any], loader):
-    """The pruned model of one run (``method`` dense, magnitude, host or moonshot)."""
-    from moonshot_plugins.cli import make_modifier
-    from moonshot_plugins.lm import run_oneshot
-
-    if run["method"] == "magnitude":
-        _magnitude(model, _structure(run["sparsity"]))
-    elif run["method"] in ("host", "moonshot"):
-        lam = run["lam"] if run["method"] == "moonshot" else None
-        extra = run.get("options", {}) if lam is None else {"fisher_mode": run["fisher_mode"], **run.get("options", {})}
-        recipe = [make_modifier(run["host"], _structure(run["sparsity"]), lam, **extra)]
-        model = run_oneshot(model, recipe, loader, shuffle_calibration_samples=False)
-    return model
-
-
-def run_one(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from moonshot_plugins.lm import perplexity
-
-    torch.manual_seed(0)
-    model_dir, loader, evals = _data(settings, run)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    with _PeakAnonymousMemory() as anonymous:
-        model = prune(model, run, loader)
-    seconds = time.perf_counter() - start
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = {
-        **run,
-        "prune_seconds": seconds,
-        "peak_rss_mb": peak_rss_mb,
-        "peak_anonymous_mb": anonymous.peak_mb,
-        "rss_before_prune_mb": rss_before / 1024,
-    }
-    for name, ids in evals.items():
-        result[f"ppl_{name}"] = perplexity(model, ids, context=settings["context"], desc=name)
-    linear = [
-        m.weight for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
-    ]
-    result["sparsity_measured"] = float(
-        sum((w == 0).sum().item() for w in linear) / sum(w.numel() for w in linear)
-    )
-    return result
-
-
 # -- orchestration ---------------------------------------------------------
 def machine_description() -> str:
     import torch
@@ -384,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         settings["eval_set"] = args.eval_set
 
     if args.one:
+        from benchmarks.llm_run import run_one
+
         print("RESULT " + json.dumps(run_one(json.loads(args.one), settings)), flush=True)
         return 0
 
@@ -455,7 +322,8 @@ def write_atomically(path: pathlib.Path, doc: dict[str, Any]) -> None:
     os.replace(scratch, path)
 
 
-def code_version(measured: tuple[str, ...] = ("moonshot_plugins", "benchmarks/llm.py")) -> str:
+def code_version(measured: tuple[str, ...] = ("moonshot_plugins", "benchmarks/llm.py",
+                                              "benchmarks/llm_run.py")) -> str:
     """The commit the run measured, "+dirty" when the measured code (paths
     relative to the repository root) had uncommitted changes."""
     def git(*args: str) -> str:

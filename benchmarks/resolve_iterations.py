@@ -92,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.llm import _data, code_version, machine_description
+    from benchmarks.llm import code_version, machine_description
+    from benchmarks.llm_run import run_data
 
     torch.set_num_threads(1)
-    model_dir, loader, _ = _data({**SETTINGS, "eval_tokens": 0}, SETTINGS)
+    model_dir, loader, _ = run_data({**SETTINGS, "eval_tokens": 0}, SETTINGS)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     names = [f"model.layers.{block}.{layer}" for block in BLOCKS for layer in LAYERS]
     grams = layer_grams(model, loader, names)
