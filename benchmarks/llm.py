@@ -13,8 +13,8 @@ tokens of each evaluation text (``--eval-set test``) or of the held-out texts
 that choose defaults (``--eval-set heldout``), context ``--context``.
 
 Every run is a separate child process (:mod:`benchmarks.llm_run`), so its wall
-time and peak RSS belong to that run alone; host and MOONSHOT runs of one setting are adjacent in the plan
-(paired under the same machine load). Results are appended to the JSON file
+time and peak RSS belong to that run alone; host and MOONSHOT runs of one
+setting are adjacent in the plan (paired under the same machine load). Results are appended to the JSON file
 after every run; a rerun skips runs already recorded there with the same
 settings, so the plan can be finished over several invocations.
 The protocol plans (``defaults``, ``solver``) rewrite their own section of

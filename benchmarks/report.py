@@ -16,7 +16,6 @@ import pathlib
 import sys
 from typing import Any
 
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "docs" / "results.md"
 LLM_BLOCK = "llm-results"  # the marker name of the every-run block in docs/results.md

@@ -130,19 +130,22 @@ def test_only_the_protocols_settings_write_the_results_page(tmp_path, monkeypatc
         assert [p.name for p in written] == expected
 
 
+def _setting_runs(method, lam, options, ratio):
+    """One 2:4 SparseGPT configuration's runs over 2 sources x 3 draws, with
+    perplexity ``ratio`` times the draw's host perplexity on text "a"."""
+    return [{"method": method, "sparsity": "2:4", "host": "sparsegpt", "lam": lam,
+             "fisher_mode": "token", **({"options": options} if options else {}), "calib_source": source,
+             "draw": draw, "ppl_a": (100.0 + draw) * ratio}
+            for source in ("austen", "python-docs") for draw in range(3)]
+
+
 def test_a_damped_host_is_a_row_and_the_baseline_of_moonshot_at_equal_damping():
     from benchmarks.protocol_report import protocol_tables
     from benchmarks.report import _label
 
-    def runs_of(method, lam, options, ratio):
-        return [{"method": method, "sparsity": "2:4", "host": "sparsegpt", "lam": lam, "fisher_mode": "token",
-                 **({"options": options} if options else {}), "calib_source": source, "draw": draw,
-                 "ppl_a": (100.0 + draw) * ratio}
-                for source in ("austen", "python-docs") for draw in range(3)]
-
     damped = {"dampening_frac": 0.1}
-    runs = (runs_of("host", None, None, 1.0) + runs_of("host", None, damped, 0.9)
-            + runs_of("moonshot", "auto", {"weight_update": "admm", **damped}, 0.72))
+    runs = (_setting_runs("host", None, None, 1.0) + _setting_runs("host", None, damped, 0.9)
+            + _setting_runs("moonshot", "auto", {"weight_update": "admm", **damped}, 0.72))
     tables = "\n".join(protocol_tables(runs, ("a",)))
     assert _label(runs[6]) == "SparseGPT (dampening_frac=0.1)"
     ratio_block, damping_block = tables.split("MOONSHOT at equal damping")
@@ -159,16 +162,11 @@ def test_taylor_only_on_the_same_solver_is_planned_on_request_and_paired_with_th
     assert [(r["lam"], r.get("options", {}).get("weight_update")) for r in plan][-1] == (1.0, "admm")
     assert [r["lam"] for r in make_plan("solver", ("2:4",), ("sparsegpt",), ("admm",))][-2:] == [0.0, "auto"]
 
-    def runs_of(lam, ratio):
-        return [{"method": "moonshot", "sparsity": "2:4", "host": "sparsegpt", "lam": lam, "fisher_mode": "token",
-                 "options": {"weight_update": "admm"}, "calib_source": source, "draw": draw,
-                 "ppl_a": (100.0 + draw) * ratio}
-                for source in ("austen", "python-docs") for draw in range(3)]
-
-    host = [{**r, "method": "host", "lam": None, "options": {}, "ppl_a": 100.0 + r["draw"]} for r in runs_of(0.0, 1)]
-    for r in host:
-        del r["options"]
-    tables = "\n".join(protocol_tables(host + runs_of(0.0, 0.8) + runs_of("auto", 0.72) + runs_of(1.0, 0.9), ("a",)))
+    admm = {"weight_update": "admm"}
+    runs = _setting_runs("host", None, None, 1.0)
+    for lam, ratio in ((0.0, 0.8), ("auto", 0.72), (1.0, 0.9)):
+        runs += _setting_runs("moonshot", lam, admm, ratio)
+    tables = "\n".join(protocol_tables(runs, ("a",)))
     taylor_block, reconstruction_block = tables.split("the Taylor term at equal solver")[1].split(
         "the reconstruction term at equal solver")
     assert "lam=auto / lam=0 | 0.900" in taylor_block and "lam=1.0 / lam=0" not in taylor_block
