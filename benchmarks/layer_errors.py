@@ -34,7 +34,7 @@ from typing import Any
 
 from benchmarks.llm import PROTOCOL_SETTINGS, code_version, make_plan, machine_description, over_draws
 from benchmarks.llm_run import prune, run_data
-from benchmarks.report import _label
+from benchmarks.report import run_label
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     plan = make_plan("solver", (args.sparsity,), ("sparsegpt",), ("resolve",))
     runs = [r for r in over_draws(plan, (args.calib_source,), args.draw + 1) if r["draw"] == args.draw]
-    labels = [_label(r) for r in runs]
+    labels = [run_label(r) for r in runs]
     for label, run in zip(labels, runs):
         if not _weights_file(run).exists():
             print(f"pruning: {label}", flush=True)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks.protocol import CLEARLY_BELOW, METHOD_KEYS, is_host, paired_ratios, ratio_table
-from benchmarks.report import ROOT, _label, _options_text
+from benchmarks.report import ROOT, run_label, options_text
 
 PROTOCOL_START, PROTOCOL_END = "<!-- protocol:start -->", "<!-- protocol:end -->"
 
@@ -76,7 +76,7 @@ def protocol_tables(runs: list[dict[str, Any]], texts: tuple[str, ...]) -> list[
     for sparsity, host in dict.fromkeys((r["sparsity"], r["host"]) for r in runs if r["method"] == "host"):
         setting = [r for r in runs if r["sparsity"] == sparsity and r["host"] in (host, None)]
         configs = dict.fromkeys(_config(r) for r in setting if r["method"] != "dense" and not is_host(r))
-        rows = [(_label(json.loads(c)), paired_ratios(setting, lambda r, c=c: _config(r) == c, texts)) for c in configs]
+        rows = [(run_label(json.loads(c)), paired_ratios(setting, lambda r, c=c: _config(r) == c, texts)) for c in configs]
         lines += [f"\n{sparsity} {host}: ratio to the host, mean ± s.e. over draws", *ratio_table(rows, texts)]
         lines += _baseline_table(setting, configs, texts, f"{sparsity} {host}: MOONSHOT at equal damping "
                                  "(ratio to the host at the same dampening_frac)", _equal_damping_pair)
@@ -94,7 +94,7 @@ def _equal_damping_pair(mine: dict[str, Any]) -> tuple[str, dict[str, Any]] | No
     damping = mine.get("options", {}).get("dampening_frac")
     if mine["method"] != "moonshot" or damping is None:
         return None
-    return _label(mine), {**mine, "method": "host", "lam": None, "options": {"dampening_frac": damping}}
+    return run_label(mine), {**mine, "method": "host", "lam": None, "options": {"dampening_frac": damping}}
 
 
 def _single_objective_pair(lam: float) -> Callable[[dict[str, Any]], tuple[str, dict[str, Any]] | None]:
@@ -106,7 +106,7 @@ def _single_objective_pair(lam: float) -> Callable[[dict[str, Any]], tuple[str, 
             return None
         options = dict(mine["options"])
         update = options.pop("weight_update")
-        label = f"weight_update={update}{_options_text(options)}: lam={mine['lam']} / lam={lam:g}"
+        label = f"weight_update={update}{options_text(options)}: lam={mine['lam']} / lam={lam:g}"
         return label, {**mine, "lam": lam}
 
     return pair

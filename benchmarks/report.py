@@ -25,16 +25,17 @@ TEXTS = ("persuasion", "python-tutorial")
 UNRECORDED_CODE = "before 7168533"
 
 
-def _options_text(options: dict[str, Any]) -> str:
+def options_text(options: dict[str, Any]) -> str:
     """", k=v" for each extra modifier option of a run."""
     return "".join(f", {k}={v}" for k, v in options.items())
 
 
-def _label(run: dict[str, Any]) -> str:
+def run_label(run: dict[str, Any]) -> str:
+    """A run's row label in the results tables (its method, host, lam and options)."""
     if run["method"] in ("dense", "magnitude"):
         return run["method"]
     host = {"sparsegpt": "SparseGPT", "wanda": "Wanda"}[run["host"]]
-    options = _options_text(run.get("options", {}))
+    options = options_text(run.get("options", {}))
     if run["method"] == "host":
         return f"{host} ({options[2:]})" if options else host
     if run["lam"] == 1.0:
@@ -197,13 +198,13 @@ def _plots(runs: list[dict[str, Any]], stem: str) -> list[str]:
         return images  # a curve needs two unstructured sparsities
     fig, ax = plt.subplots(figsize=(6, 4))
     order = {"2:4": 0.5, "0.5": 0.5, "0.6": 0.6, "0.7": 0.7}
-    labels = sorted({_label(r) for r in runs if r["method"] != "dense" and r["sparsity"] != "2:4"
+    labels = sorted({run_label(r) for r in runs if r["method"] != "dense" and r["sparsity"] != "2:4"
                      and (r["lam"] in (None, 0.5, 1.0, "auto"))})
     colors = plt.get_cmap("tab20").colors
     for index, label in enumerate(labels):
         pts = sorted(
             (order[r["sparsity"]], r["ppl_persuasion"])
-            for r in runs if _label(r) == label and r["sparsity"] != "2:4"
+            for r in runs if run_label(r) == label and r["sparsity"] != "2:4"
         )
         # one line style per host, so eleven lines stay tellable apart
         style = ":" if label == "magnitude" else "--" if "Wanda" in label else "-"
@@ -266,13 +267,13 @@ def write_llm_report(results_json: pathlib.Path) -> None:
     for run in runs:
         sp = "dense" if run["sparsity"] == "0" else ("2:4" if run["sparsity"] == "2:4" else f"{float(run['sparsity']):.0%}")
         lines.append(
-            f"| {sp} | {_label(run)} | {run['ppl_persuasion']:.2f} | {run['ppl_python-tutorial']:.2f} "
+            f"| {sp} | {run_label(run)} | {run['ppl_persuasion']:.2f} | {run['ppl_python-tutorial']:.2f} "
             f"| {run['prune_seconds']:.1f} | {run['peak_rss_mb']:.0f} | {run.get('code', UNRECORDED_CODE)} |"
         )
     targets = _targets(runs, doc.get("unpaired_timing", []), cost_runs)
     if targets:
         at = "; ".join(
-            f"{host} {sp}: lam={lam}{_options_text(options)}"
+            f"{host} {sp}: lam={lam}{options_text(options)}"
             for host in ("sparsegpt", "wanda") for sp, (lam, options) in
             (("2:4", default_settings(host, "2:4")), ("unstructured", default_settings(host, "0.5")))
         )

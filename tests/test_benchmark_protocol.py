@@ -141,13 +141,13 @@ def _setting_runs(method, lam, options, ratio):
 
 def test_a_damped_host_is_a_row_and_the_baseline_of_moonshot_at_equal_damping():
     from benchmarks.protocol_report import protocol_tables
-    from benchmarks.report import _label
+    from benchmarks.report import run_label
 
     damped = {"dampening_frac": 0.1}
     runs = (_setting_runs("host", None, None, 1.0) + _setting_runs("host", None, damped, 0.9)
             + _setting_runs("moonshot", "auto", {"weight_update": "admm", **damped}, 0.72))
     tables = "\n".join(protocol_tables(runs, ("a",)))
-    assert _label(runs[6]) == "SparseGPT (dampening_frac=0.1)"
+    assert run_label(runs[6]) == "SparseGPT (dampening_frac=0.1)"
     ratio_block, damping_block = tables.split("MOONSHOT at equal damping")
     assert "SparseGPT (dampening_frac=0.1) | 0.900" in ratio_block  # ratio to the undamped host
     assert "| 0.720" in ratio_block
