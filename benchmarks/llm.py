@@ -80,7 +80,8 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     defaults (time, peak RSS, peak anonymous memory; use its own ``--output``).
     ``defaults`` is the same pairs for quality under the protocol; ``solver``
     adds each new ``weight_update`` the host has at lam 0 (the solver's gain
-    alone) and at the default lam (solver + Taylor term).
+    alone) and at the default lam (solver + Taylor term); ``host`` in
+    ``updates`` is the host's own update (:func:`_update_lams`).
     ``sparsities`` / ``hosts`` restrict any plan, ``updates`` the solver plan,
     whose weight updates run at ``resolve_max_iters`` when it is given
     (:func:`_recorded_cap`), at ``update_lams`` when given (default: 0 and
@@ -96,11 +97,10 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
             _run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]),
             # the host at the same damping: the damping's own gain, apart from MOONSHOT's
             *([_run("host", sp, host, **damping)] if damping and host == "sparsegpt" else []),
-            *(_moonshot(sp, host, lam, weight_update=update, **_recorded_cap(host, resolve_max_iters),
-                        **damping)
+            *(_update_run(sp, host, update, lam, resolve_max_iters, damping)
               for update in updates
-              if update in HOST_WEIGHT_UPDATES[host]
-              for lam in (update_lams or (0.0, default_settings(host, sp)[0]))))]
+              if update == "host" or update in HOST_WEIGHT_UPDATES[host]
+              for lam in _update_lams(sp, host, update, update_lams, damping)))]
     if plan in ("cost", "defaults"):  # adjacent pairs: the host, then MOONSHOT at its defaults
         return [run for sp in sparsities for host in hosts
                 for run in (_run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]))]
@@ -146,6 +146,27 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
                     # the 60% SparseGPT sweep started before row weights: it stays without
                     runs.append(_moonshot(sp, host, lam, row_weights=False))
     return runs
+
+
+def _update_lams(sparsity: str, host: str, update: str, update_lams: tuple[float | str, ...] | None,
+                 damping: dict[str, float]) -> tuple[float | str, ...]:
+    """The lams a solver-plan update runs at: ``update_lams``, else 0 and the
+    host's default. The host's own update skips lam 0 (the host run) and,
+    undamped, its default lam (the default run), which the plan holds already."""
+    default = default_settings(host, sparsity)[0]
+    lams = update_lams or (0.0, default)
+    if update != "host":
+        return lams
+    return tuple(lam for lam in lams if lam != 0.0 and (damping or lam != default))
+
+
+def _update_run(sparsity: str, host: str, update: str, lam: float | str, resolve_max_iters: int | None,
+                damping: dict[str, float]) -> dict[str, Any]:
+    """A solver-plan run: MOONSHOT at ``lam`` with the weight update ``update``
+    (``host``: the host's own update, recorded as the modifier's default)."""
+    if update == "host":
+        return _moonshot(sparsity, host, lam, **damping)
+    return _moonshot(sparsity, host, lam, weight_update=update, **_recorded_cap(host, resolve_max_iters), **damping)
 
 
 UNRECORDED_CAP = 100  # the PCG cap every weight-update record without one ran at
@@ -214,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", default="all", help=" | ".join(PLANS))
     parser.add_argument("--sparsity", action="append", help="restrict to these sparsities (repeatable): " + ", ".join(SPARSITIES))
     parser.add_argument("--host", action="append", choices=("sparsegpt", "wanda"), help="restrict to these hosts (repeatable)")
-    parser.add_argument("--weight-update", action="append", choices=WEIGHT_UPDATES,
-                        help="restrict the solver plan to these weight updates (repeatable)")
+    parser.add_argument("--weight-update", action="append", choices=("host", *WEIGHT_UPDATES),
+                        help="restrict the solver plan to these weight updates (repeatable; default: "
+                        f"{', '.join(WEIGHT_UPDATES)}; host: the host's own update, e.g. with "
+                        "--taylor-weight 1.0 for Taylor-only on the default's solver)")
     parser.add_argument("--resolve-max-iters", type=int, default=None,
                         help="the solver plan's weight updates with this PCG cap (default: the modifiers')")
     parser.add_argument("--taylor-weight", action="append", type=_lam,

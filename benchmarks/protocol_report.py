@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks.protocol import CLEARLY_BELOW, METHOD_KEYS, is_host, paired_ratios, ratio_table
-from benchmarks.report import ROOT, run_label, options_text
+from benchmarks.report import ROOT, default_settings, options_text, run_label
 
 PROTOCOL_START, PROTOCOL_END = "<!-- protocol:start -->", "<!-- protocol:end -->"
 
@@ -85,47 +85,76 @@ def protocol_tables(runs: list[dict[str, Any]], texts: tuple[str, ...]) -> list[
         lines += _baseline_table(setting, configs, texts, f"{sparsity} {host}: the reconstruction term at equal "
                                  "solver (ratio to the same weight update at lam 1, Taylor-only)",
                                  _single_objective_pair(1.0))
+        lines += _baseline_table(setting, configs, texts, f"{sparsity} {host}: the default against each single "
+                                 "objective run (ratio of the modifier's defaults to a run at lam 0 or 1)",
+                                 _default_against_single_objectives(sparsity, host, configs))
     return lines
 
 
-def _equal_damping_pair(mine: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+Pairing = Callable[[dict[str, Any]], list[tuple[str, dict[str, Any]]]]
+
+
+def _equal_damping_pair(mine: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """A MOONSHOT configuration with a ``dampening_frac``, against the host run
-    at that ``dampening_frac``: (row label, baseline configuration)."""
+    at that ``dampening_frac``: [(row label, baseline configuration)]."""
     damping = mine.get("options", {}).get("dampening_frac")
     if mine["method"] != "moonshot" or damping is None:
-        return None
-    return run_label(mine), {**mine, "method": "host", "lam": None, "options": {"dampening_frac": damping}}
+        return []
+    return [(run_label(mine), {**mine, "method": "host", "lam": None, "options": {"dampening_frac": damping}})]
 
 
-def _single_objective_pair(lam: float) -> Callable[[dict[str, Any]], tuple[str, dict[str, Any]] | None]:
-    """Pairs a weight update at a mixed lam with the same update at ``lam``
-    (0: reconstruction only, 1: Taylor only), i.e. on the same solver."""
+def _single_objective_pair(lam: float) -> Pairing:
+    """Pairs a MOONSHOT run at a mixed lam with the same weight update (the
+    host's own when none is set) at ``lam`` (0: reconstruction only, 1:
+    Taylor only), i.e. on the same solver. The host's update at lam 0 is the
+    host itself, the main table's baseline."""
 
-    def pair(mine: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-        if mine["lam"] in (0.0, 1.0) or "weight_update" not in mine.get("options", {}):
-            return None
-        options = dict(mine["options"])
-        update = options.pop("weight_update")
+    def pair(mine: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        if mine["method"] != "moonshot" or mine["lam"] in (0.0, 1.0):
+            return []
+        options = dict(mine.get("options", {}))
+        update = options.pop("weight_update", "host")
         label = f"weight_update={update}{options_text(options)}: lam={mine['lam']} / lam={lam:g}"
-        return label, {**mine, "lam": lam}
+        return [(label, {**mine, "lam": lam})]
 
     return pair
 
 
+def _default_against_single_objectives(sparsity: str, host: str, configs) -> Pairing:
+    """Pairs the run at the modifier's defaults with every MOONSHOT run of the
+    setting at lam 0 or 1: the never-worse target's comparisons besides the host."""
+    lam, options = default_settings(host, sparsity)
+    single = [json.loads(c) for c in configs]
+    single = [c for c in single if c["method"] == "moonshot" and c["lam"] in (0.0, 1.0)]
+
+    def pairs(mine: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        if mine["method"] != "moonshot" or mine["lam"] != lam or mine.get("options", {}) != options:
+            return []
+        return [(f"default / {_single_objective_label(c)}", c) for c in single]
+
+    return pairs
+
+
+def _single_objective_label(run: dict[str, Any]) -> str:
+    options = dict(run.get("options", {}))
+    update = options.pop("weight_update", "host")
+    return f"weight_update={update}{options_text(options)}, lam={run['lam']:g}"
+
+
 def _baseline_table(setting: list[dict[str, Any]], configs, texts: tuple[str, ...], title: str,
-                    pair: Callable[[dict[str, Any]], tuple[str, dict[str, Any]] | None]) -> list[str]:
-    """Each configuration ``pair`` maps to (label, baseline configuration),
-    paired draw by draw with that baseline where the setting holds it; no
-    table when none is."""
+                    pairing: Pairing) -> list[str]:
+    """Each configuration against the baselines ``pairing`` maps it to
+    ([(label, baseline configuration)]), draw by draw, where the setting
+    holds the baseline; no table when none is."""
     rows = []
     for config in configs:
-        paired = pair(json.loads(config))
-        if paired is None or _config(paired[1]) not in configs:
-            continue
-        label, baseline = paired[0], _config(paired[1])
-        cells = paired_ratios(setting, lambda r, c=config: _config(r) == c, texts,
-                              baseline=lambda r, c=baseline: _config(r) == c)
-        rows.append((label, cells))
+        for label, baseline_run in pairing(json.loads(config)):
+            baseline = _config(baseline_run)
+            if baseline not in configs:
+                continue
+            cells = paired_ratios(setting, lambda r, c=config: _config(r) == c, texts,
+                                  baseline=lambda r, c=baseline: _config(r) == c)
+            rows.append((label, cells))
     return [f"\n{title}", *ratio_table(rows, texts)] if rows else []
 
 

@@ -178,3 +178,24 @@ def test_host_modifier_takes_its_own_fields():
 
     host = make_modifier("sparsegpt", {"sparsity": 0.5, "mask_structure": "2:4"}, None, dampening_frac=0.1)
     assert type(host).__name__ == "SparseGPTModifier" and host.dampening_frac == 0.1
+
+
+def test_the_hosts_own_update_is_planned_without_repeats_and_the_default_meets_each_single_objective():
+    from benchmarks.llm import make_plan
+    from benchmarks.protocol_report import protocol_tables
+
+    plan = make_plan("solver", ("0.6",), ("sparsegpt",), ("host", "admm"), update_lams=(0.0, "auto", 1.0))
+    # the host's update at lam 0 is the host run and at the default lam the default run: neither repeats
+    assert [(r["method"], r["lam"], r["options"].get("weight_update")) for r in plan if "options" in r] == [
+        ("moonshot", "auto", None), ("moonshot", 1.0, None),
+        ("moonshot", 0.0, "admm"), ("moonshot", "auto", "admm"), ("moonshot", 1.0, "admm")]
+    assert all(r["options"]["row_weights"] for r in plan if "options" in r)  # the 60% default's own option
+
+    runs = _setting_runs("host", None, None, 1.0) + _setting_runs("moonshot", "auto", None, 0.9)
+    runs += _setting_runs("moonshot", 1.0, None, 0.95) + _setting_runs("moonshot", 0.0, {"weight_update": "admm"}, 0.8)
+    tables = "\n".join(protocol_tables(runs, ("a",)))
+    reconstruction_block, default_block = tables.split("the reconstruction term at equal solver")[1].split(
+        "the default against each single objective")
+    assert "weight_update=host: lam=auto / lam=1 | 0.947" in reconstruction_block  # 0.9 / 0.95
+    assert "default / weight_update=host, lam=1 | 0.947" in default_block
+    assert "default / weight_update=admm, lam=0 | 1.125" in default_block  # 0.9 / 0.8: the default loses there
