@@ -112,10 +112,7 @@ def _single_objective_pair(lam: float) -> Pairing:
     def pair(mine: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         if mine["method"] != "moonshot" or mine["lam"] in (0.0, 1.0):
             return []
-        options = dict(mine.get("options", {}))
-        update = options.pop("weight_update", "host")
-        label = f"weight_update={update}{options_text(options)}: lam={mine['lam']} / lam={lam:g}"
-        return [(label, {**mine, "lam": lam})]
+        return [(f"{_solver_text(mine)}: lam={mine['lam']} / lam={lam:g}", {**mine, "lam": lam})]
 
     return pair
 
@@ -130,15 +127,16 @@ def _default_against_single_objectives(sparsity: str, host: str, configs) -> Pai
     def pairs(mine: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         if mine["method"] != "moonshot" or mine["lam"] != lam or mine.get("options", {}) != options:
             return []
-        return [(f"default / {_single_objective_label(c)}", c) for c in single]
+        return [(f"default / {_solver_text(c)}, lam={c['lam']:g}", c) for c in single]
 
     return pairs
 
 
-def _single_objective_label(run: dict[str, Any]) -> str:
+def _solver_text(run: dict[str, Any]) -> str:
+    """A MOONSHOT run's weight update ("host" when none is set) and other options, as row text."""
     options = dict(run.get("options", {}))
     update = options.pop("weight_update", "host")
-    return f"weight_update={update}{options_text(options)}, lam={run['lam']:g}"
+    return f"weight_update={update}{options_text(options)}"
 
 
 def _baseline_table(setting: list[dict[str, Any]], configs, texts: tuple[str, ...], title: str,
