@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks.protocol import CLEARLY_BELOW, METHOD_KEYS, is_host, paired_ratios, ratio_table
-from benchmarks.report import ROOT, default_settings, options_text, run_label
+from benchmarks.report import ROOT, is_default_run, options_text, run_label
 
 PROTOCOL_START, PROTOCOL_END = "<!-- protocol:start -->", "<!-- protocol:end -->"
 
@@ -87,7 +87,7 @@ def protocol_tables(runs: list[dict[str, Any]], texts: tuple[str, ...]) -> list[
                                  _single_objective_pair(1.0))
         lines += _baseline_table(setting, configs, texts, f"{sparsity} {host}: the default against each single "
                                  "objective run (ratio of the modifier's defaults to a run at lam 0 or 1)",
-                                 _default_against_single_objectives(sparsity, host, configs))
+                                 _default_against_single_objectives(configs))
     return lines
 
 
@@ -117,15 +117,14 @@ def _single_objective_pair(lam: float) -> Pairing:
     return pair
 
 
-def _default_against_single_objectives(sparsity: str, host: str, configs) -> Pairing:
+def _default_against_single_objectives(configs) -> Pairing:
     """Pairs the run at the modifier's defaults with every MOONSHOT run of the
     setting at lam 0 or 1: the never-worse target's comparisons besides the host."""
-    lam, options = default_settings(host, sparsity)
     single = [json.loads(c) for c in configs]
     single = [c for c in single if c["method"] == "moonshot" and c["lam"] in (0.0, 1.0)]
 
     def pairs(mine: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        if mine["method"] != "moonshot" or mine["lam"] != lam or mine.get("options", {}) != options:
+        if not is_default_run(mine):
             return []
         return [(f"default / {_solver_text(c)}, lam={c['lam']:g}", c) for c in single]
 

@@ -65,6 +65,12 @@ def default_settings(host: str, sparsity: str) -> tuple[float | str, dict[str, A
     return modifier.taylor_weight, options
 
 
+def is_default_run(run: dict[str, Any]) -> bool:
+    """Whether a run is MOONSHOT at its modifier's defaults (:func:`default_settings`, token mode)."""
+    return (run["method"] == "moonshot" and run.get("fisher_mode") == "token"
+            and (run["lam"], run.get("options", {})) == default_settings(run["host"], run["sparsity"]))
+
+
 def cost_pairs(cost_runs: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[dict, dict]]:
     """(sparsity, host) -> the last adjacent (host run, MOONSHOT run at the
     current defaults) pair of a ``--plan cost`` results list."""
@@ -74,8 +80,7 @@ def cost_pairs(cost_runs: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[d
         if (base["method"], mine["method"]) != ("host", "moonshot") or (
             mine["sparsity"], mine["host"]) != setting:
             continue  # not a pair (e.g. one pair's MOONSHOT run and the next pair's host)
-        lam, options = default_settings(base["host"], base["sparsity"])
-        if mine["lam"] == lam and mine.get("options", {}) == options:
+        if is_default_run(mine):
             pairs[setting] = (base, mine)
     return pairs
 
