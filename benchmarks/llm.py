@@ -92,37 +92,56 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     if plan not in PLANS:
         raise SystemExit(f"--plan must be one of {', '.join(PLANS)}; got {plan!r}")
     if plan == "solver":
-        damping = {} if dampening_frac is None else {"dampening_frac": dampening_frac}
-        return [run for sp in sparsities for host in hosts for run in (
-            _run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]),
-            # the host at the same damping: the damping's own gain, apart from MOONSHOT's
-            *([_run("host", sp, host, **damping)] if damping and host == "sparsegpt" else []),
-            *(_update_run(sp, host, update, lam, resolve_max_iters, damping)
-              for update in updates
-              if update == "host" or update in HOST_WEIGHT_UPDATES[host]
-              for lam in _update_lams(sp, host, update, update_lams, damping)))]
+        return _solver_plan(sparsities, hosts, updates, resolve_max_iters, update_lams, dampening_frac)
     if plan in ("cost", "defaults"):  # adjacent pairs: the host, then MOONSHOT at its defaults
         return [run for sp in sparsities for host in hosts
                 for run in (_run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]))]
-    runs: list[dict[str, Any]] = [_run("dense", "0")]
     if plan == "heldout":
-        for sp in (s for s in ("2:4", "0.6", "0.7") if s in sparsities):
-            if "wanda" in hosts:  # Wanda's default: a fixed lam or the per-layer rule
-                runs.append(_run("host", sp, "wanda"))
-                runs += [_moonshot(sp, "wanda", lam) for lam in (DEFAULT_LAM, "auto", 0.25)]
-            for host in (h for h in hosts if h == "sparsegpt"):
-                runs.append(_run("host", sp, host))
-                if sp == "2:4":  # the default lam rule, and fewer gradient samples
-                    runs += [_run("moonshot", sp, host, lam) for lam in (0.5, "auto", 0.1)]
-                    runs.append(_run("moonshot", sp, host, DEFAULT_LAM, fisher_samples=16))
-                else:  # per-row weights, which only unstructured masks can use
-                    runs.append(_moonshot(sp, host, "auto", row_weights=False))
-                    runs.append(_moonshot(sp, host, "auto", row_weights=True))
-        return runs
+        return [_run("dense", "0"), *_heldout_plan(sparsities, hosts)]
+    return [_run("dense", "0"), *_target_plan(plan, sparsities, hosts), *_sweep_plan(plan, sparsities, hosts)]
+
+
+def _solver_plan(sparsities: tuple[str, ...], hosts: tuple[str, ...], updates: tuple[str, ...],
+                 resolve_max_iters: int | None, update_lams: tuple[float | str, ...] | None,
+                 dampening_frac: float | None) -> list[dict[str, Any]]:
+    """Per setting: the host, the default, SparseGPT at the damping given, then
+    each weight update at its lams (:func:`make_plan`)."""
+    damping = {} if dampening_frac is None else {"dampening_frac": dampening_frac}
+    return [run for sp in sparsities for host in hosts for run in (
+        _run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]),
+        # the host at the same damping: the damping's own gain, apart from MOONSHOT's
+        *([_run("host", sp, host, **damping)] if damping and host == "sparsegpt" else []),
+        *(_update_run(sp, host, update, lam, resolve_max_iters, damping)
+          for update in updates
+          if update == "host" or update in HOST_WEIGHT_UPDATES[host]
+          for lam in _update_lams(sp, host, update, update_lams, damping)))]
+
+
+def _heldout_plan(sparsities: tuple[str, ...], hosts: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The modelling choices scored on held-out text (:func:`make_plan`)."""
+    runs: list[dict[str, Any]] = []
+    for sp in (s for s in ("2:4", "0.6", "0.7") if s in sparsities):
+        if "wanda" in hosts:  # Wanda's default: a fixed lam or the per-layer rule
+            runs.append(_run("host", sp, "wanda"))
+            runs += [_moonshot(sp, "wanda", lam) for lam in (DEFAULT_LAM, "auto", 0.25)]
+        for host in (h for h in hosts if h == "sparsegpt"):
+            runs.append(_run("host", sp, host))
+            if sp == "2:4":  # the default lam rule, and fewer gradient samples
+                runs += [_run("moonshot", sp, host, lam) for lam in (0.5, "auto", 0.1)]
+                runs.append(_run("moonshot", sp, host, DEFAULT_LAM, fisher_samples=16))
+            else:  # per-row weights, which only unstructured masks can use
+                runs.append(_moonshot(sp, host, "auto", row_weights=False))
+                runs.append(_moonshot(sp, host, "auto", row_weights=True))
+    return runs
+
+
+def _target_plan(plan: str, sparsities: tuple[str, ...], hosts: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The runs the targets read, per setting: host and default pairs first, so
+    a partial run still answers the main question, then the pieces."""
     main = {"all": SPARSITIES, "2of4": ("2:4",), "unstructured": SPARSITIES[1:],
             "core": SPARSITIES}.get(plan, ())
+    runs: list[dict[str, Any]] = []
     for sp in (s for s in main if s in sparsities):
-        # the headline pairs first, so a partial run still answers the main question
         for host in hosts:
             runs.append(_run("host", sp, host))
             runs.append(_moonshot(sp, host, default_settings(host, sp)[0]))  # the modifier's defaults
@@ -137,15 +156,18 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
                     runs.append(_moonshot(sp, host, 1.0, row_weights=False))
         if plan != "core":
             runs.append(_run("magnitude", sp))
-    if plan in ("all", "sweep"):
-        for sp in (s for s in ("2:4", "0.6") if s in sparsities):
-            for host in hosts:
-                for lam in LAM_SWEEP:
-                    if lam == 0.0:
-                        continue  # lam=0 is the host (bitwise; tested), already a row
-                    # the 60% SparseGPT sweep started before row weights: it stays without
-                    runs.append(_moonshot(sp, host, lam, row_weights=False))
     return runs
+
+
+def _sweep_plan(plan: str, sparsities: tuple[str, ...], hosts: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The lam sweep at 2:4 and 60% (plans ``all`` and ``sweep``)."""
+    if plan not in ("all", "sweep"):
+        return []
+    # lam=0 is the host (bitwise; tested), already a row; the 60% SparseGPT
+    # sweep started before row weights: it stays without
+    return [_moonshot(sp, host, lam, row_weights=False)
+            for sp in ("2:4", "0.6") if sp in sparsities
+            for host in hosts for lam in LAM_SWEEP if lam != 0.0]
 
 
 def _update_lams(sparsity: str, host: str, update: str, update_lams: tuple[float | str, ...] | None,
@@ -230,7 +252,8 @@ def _lam(text: str) -> float | str:
     return text if text == "auto" else float(text)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line; the data flags default to the protocol's settings."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.llm", description=__doc__.splitlines()[0])
     parser.add_argument("--plan", default="all", help=" | ".join(PLANS))
     parser.add_argument("--sparsity", action="append", help="restrict to these sparsities (repeatable): " + ", ".join(SPARSITIES))
@@ -260,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=pathlib.Path, default=None, help="results JSON (default: benchmarks/results/<date>-<host>[-heldout].json)")
     parser.add_argument("--report-only", action="store_true", help="only print the protocol tables of --output, running nothing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of one run
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.resolve_max_iters is not None and (args.plan != "solver" or args.resolve_max_iters < 1):
         parser.error(f"--resolve-max-iters needs --plan solver and a positive integer, got "
