@@ -100,20 +100,22 @@ def _targets(runs: list[dict[str, Any]], unpaired: list[str] = (),
         when given, the time and memory targets are judged on its pairs
         instead of on ``runs``
     """
+    return [*_quality_target_lines(runs), *_first_default_lines(runs),
+            *_cost_target_lines(runs, unpaired, cost_runs)]
+
+
+def _default_run(runs: list[dict[str, Any]], host: str, sparsity: str) -> dict[str, Any] | None:
+    """The host's MOONSHOT run at the modifier's defaults, token mode."""
+    lam, options = default_settings(host, sparsity)
+    return _find(runs, method="moonshot", host=host, sparsity=sparsity, lam=lam,
+                 fisher_mode="token", options=options or None)
+
+
+def _quality_target_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """2:4 against each host's bound; unstructured against min(host, Taylor-only)."""
     lines = []
-
-    def ours(host: str, sp: str):
-        lam, options = default_settings(host, sp)
-        return _find(runs, method="moonshot", host=host, sparsity=sp, lam=lam,
-                     fisher_mode="token", options=options or None)
-
-    def taylor_only(host: str, sp: str, text: str):
-        found = [r for r in runs if r["method"] == "moonshot" and r["host"] == host
-                 and r["sparsity"] == sp and r["lam"] == 1.0 and r["fisher_mode"] == "token"]
-        return min((r[f"ppl_{text}"] for r in found), default=None)
-
     for host, bound in (("sparsegpt", 0.80), ("wanda", 0.75)):
-        base, mine = _find(runs, method="host", host=host, sparsity="2:4"), ours(host, "2:4")
+        base, mine = _find(runs, method="host", host=host, sparsity="2:4"), _default_run(runs, host, "2:4")
         if base and mine:
             for text in TEXTS:
                 ratio = mine[f"ppl_{text}"] / base[f"ppl_{text}"]
@@ -121,16 +123,24 @@ def _targets(runs: list[dict[str, Any]], unpaired: list[str] = (),
                 lines.append(f"| 2:4 {host} ppl ratio, {text} | <= {bound} | {ratio:.3f} | {verdict} |")
     for sp in ("0.5", "0.6", "0.7"):
         for host in ("sparsegpt", "wanda"):
-            base, mine = _find(runs, method="host", host=host, sparsity=sp), ours(host, sp)
+            base, mine = _find(runs, method="host", host=host, sparsity=sp), _default_run(runs, host, sp)
             if not (base and mine):
                 continue
             for text in TEXTS:
-                taylor = taylor_only(host, sp, text)
+                taylor = min((r[f"ppl_{text}"] for r in runs if r["method"] == "moonshot" and r["host"] == host
+                              and r["sparsity"] == sp and r["lam"] == 1.0 and r["fisher_mode"] == "token"),
+                             default=None)
                 if taylor is None:
                     continue
                 ratio = mine[f"ppl_{text}"] / min(base[f"ppl_{text}"], taylor)
                 verdict = "met" if ratio <= 1.0 else "missed"
                 lines.append(f"| {sp} {host} vs min(host, Taylor-only), {text} | <= 1.0 | {ratio:.3f} | {verdict} |")
+    return lines
+
+
+def _first_default_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """SparseGPT at the first default (fixed lam 0.5, no row weights) against the host."""
+    lines = []
     for sp in ("2:4", "0.5", "0.6", "0.7"):
         base = _find(runs, method="host", host="sparsegpt", sparsity=sp)
         options = {"row_weights": False} if sp != "2:4" else None
@@ -140,13 +150,20 @@ def _targets(runs: list[dict[str, Any]], unpaired: list[str] = (),
             for text in TEXTS:
                 ratio = fixed[f"ppl_{text}"] / base[f"ppl_{text}"]
                 lines.append(f"| {sp} sparsegpt fixed lam=0.5, no row weights (the first default) vs host, {text} | - | {ratio:.3f} | informative |")
+    return lines
+
+
+def _cost_target_lines(runs: list[dict[str, Any]], unpaired: list[str],
+                       cost_runs: list[dict[str, Any]] | None) -> list[str]:
+    """Time <= 1.5x and peak RSS <= 1.3x the host, on the cost file's pairs when given."""
+    lines = []
     pairs = cost_pairs(cost_runs) if cost_runs is not None else {}
     for sp in ("2:4", "0.5", "0.6", "0.7"):
         for host in ("sparsegpt", "wanda"):
             if cost_runs is not None:
                 base, mine = pairs.get((sp, host), (None, None))
             else:
-                base, mine = _find(runs, method="host", host=host, sparsity=sp), ours(host, sp)
+                base, mine = _find(runs, method="host", host=host, sparsity=sp), _default_run(runs, host, sp)
             if not (base and mine):
                 continue
             for key, bound_cost in (("prune_seconds", 1.5), ("peak_rss_mb", 1.3)):
