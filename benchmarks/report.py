@@ -105,10 +105,9 @@ def _targets(runs: list[dict[str, Any]], unpaired: list[str] = (),
 
 
 def _default_run(runs: list[dict[str, Any]], host: str, sparsity: str) -> dict[str, Any] | None:
-    """The host's MOONSHOT run at the modifier's defaults, token mode."""
-    lam, options = default_settings(host, sparsity)
-    return _find(runs, method="moonshot", host=host, sparsity=sparsity, lam=lam,
-                 fisher_mode="token", options=options or None)
+    """The host's first MOONSHOT run at the modifier's defaults (:func:`is_default_run`)."""
+    return next((run for run in runs if run["host"] == host and run["sparsity"] == sparsity
+                 and is_default_run(run)), None)
 
 
 def _quality_target_lines(runs: list[dict[str, Any]]) -> list[str]:
