@@ -176,6 +176,7 @@ def _cost_target_lines(runs: list[dict[str, Any]], unpaired: list[str],
 
 
 def _plots(runs: list[dict[str, Any]], stem: str) -> list[str]:
+    """The report's plots, written to docs/<stem>-*.png; their file names."""
     try:
         import matplotlib
     except ImportError as exc:
@@ -186,7 +187,14 @@ def _plots(runs: list[dict[str, Any]], stem: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    images = []
+    images = [_lam_plot(plt, runs, stem)]
+    if len({r["sparsity"] for r in runs} & {"0.5", "0.6", "0.7"}) >= 2:  # a curve needs two
+        images.append(_sparsity_plot(plt, runs, stem))
+    return images
+
+
+def _lam_plot(plt: Any, runs: list[dict[str, Any]], stem: str) -> str:
+    """Persuasion perplexity against lam at 2:4 and 60%, per host; the file's name."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, sp in zip(axes, ("2:4", "0.6")):
         for host, color in (("sparsegpt", "tab:blue"), ("wanda", "tab:orange")):
@@ -213,10 +221,11 @@ def _plots(runs: list[dict[str, Any]], stem: str) -> list[str]:
     path = ROOT / "docs" / f"{stem}-lam.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    images.append(path.name)
+    return path.name
 
-    if len({r["sparsity"] for r in runs} & {"0.5", "0.6", "0.7"}) < 2:
-        return images  # a curve needs two unstructured sparsities
+
+def _sparsity_plot(plt: Any, runs: list[dict[str, Any]], stem: str) -> str:
+    """Persuasion perplexity against unstructured sparsity, per method; the file's name."""
     fig, ax = plt.subplots(figsize=(6, 4))
     order = {"2:4": 0.5, "0.5": 0.5, "0.6": 0.6, "0.7": 0.7}
     labels = sorted({run_label(r) for r in runs if r["method"] != "dense" and r["sparsity"] != "2:4"
@@ -239,8 +248,7 @@ def _plots(runs: list[dict[str, Any]], stem: str) -> list[str]:
     path = ROOT / "docs" / f"{stem}-sparsity.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    images.append(path.name)
-    return images
+    return path.name
 
 
 def _settings_text(settings: dict[str, Any]) -> str:
