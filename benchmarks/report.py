@@ -104,17 +104,19 @@ def _targets(runs: list[dict[str, Any]], unpaired: list[str] = (),
             *_cost_target_lines(runs, unpaired, cost_runs)]
 
 
-def _default_run(runs: list[dict[str, Any]], host: str, sparsity: str) -> dict[str, Any] | None:
-    """The host's first MOONSHOT run at the modifier's defaults (:func:`is_default_run`)."""
-    return next((run for run in runs if run["host"] == host and run["sparsity"] == sparsity
-                 and is_default_run(run)), None)
+def _default_pair(runs: list[dict[str, Any]], host: str, sparsity: str) -> tuple[dict | None, dict | None]:
+    """The setting's first host run and first MOONSHOT run at the modifier's
+    defaults (:func:`is_default_run`); None where absent."""
+    return (_find(runs, method="host", host=host, sparsity=sparsity),
+            next((run for run in runs if run["host"] == host and run["sparsity"] == sparsity
+                  and is_default_run(run)), None))
 
 
 def _quality_target_lines(runs: list[dict[str, Any]]) -> list[str]:
     """2:4 against each host's bound; unstructured against min(host, Taylor-only)."""
     lines = []
     for host, bound in (("sparsegpt", 0.80), ("wanda", 0.75)):
-        base, mine = _find(runs, method="host", host=host, sparsity="2:4"), _default_run(runs, host, "2:4")
+        base, mine = _default_pair(runs, host, "2:4")
         if base and mine:
             for text in TEXTS:
                 ratio = mine[f"ppl_{text}"] / base[f"ppl_{text}"]
@@ -122,7 +124,7 @@ def _quality_target_lines(runs: list[dict[str, Any]]) -> list[str]:
                 lines.append(f"| 2:4 {host} ppl ratio, {text} | <= {bound} | {ratio:.3f} | {verdict} |")
     for sp in ("0.5", "0.6", "0.7"):
         for host in ("sparsegpt", "wanda"):
-            base, mine = _find(runs, method="host", host=host, sparsity=sp), _default_run(runs, host, sp)
+            base, mine = _default_pair(runs, host, sp)
             if not (base and mine):
                 continue
             for text in TEXTS:
@@ -162,7 +164,7 @@ def _cost_target_lines(runs: list[dict[str, Any]], unpaired: list[str],
             if cost_runs is not None:
                 base, mine = pairs.get((sp, host), (None, None))
             else:
-                base, mine = _find(runs, method="host", host=host, sparsity=sp), _default_run(runs, host, sp)
+                base, mine = _default_pair(runs, host, sp)
             if not (base and mine):
                 continue
             for key, bound_cost in (("prune_seconds", 1.5), ("peak_rss_mb", 1.3)):
