@@ -67,7 +67,8 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
               updates: tuple[str, ...] = WEIGHT_UPDATES,
               resolve_max_iters: int | None = None,
               update_lams: tuple[float | str, ...] | None = None,
-              dampening_frac: float | None = None) -> list[dict[str, Any]]:
+              dampening_frac: float | None = None,
+              update_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Runs in order; host and MOONSHOT runs of one setting stay adjacent.
 
     ``core`` is the part the targets need (host, MOONSHOT token, Taylor-only);
@@ -86,13 +87,15 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     whose weight updates run at ``resolve_max_iters`` when it is given
     (:func:`_recorded_cap`), at ``update_lams`` when given (default: 0 and
     the host's default; 1 is Taylor-only on the same solver) and with the modifiers'
-    ``dampening_frac`` when given (SparseGPT then also runs at that damping);
+    ``dampening_frac`` when given (SparseGPT then also runs at that damping)
+    and with the modifier fields ``update_options`` (e.g. ``admm_rho``);
     :func:`over_draws` repeats each run over calibration sources and draws.
     """
     if plan not in PLANS:
         raise SystemExit(f"--plan must be one of {', '.join(PLANS)}; got {plan!r}")
     if plan == "solver":
-        return _solver_plan(sparsities, hosts, updates, resolve_max_iters, update_lams, dampening_frac)
+        return _solver_plan(sparsities, hosts, updates, resolve_max_iters, update_lams, dampening_frac,
+                            update_options or {})
     if plan in ("cost", "defaults"):  # adjacent pairs: the host, then MOONSHOT at its defaults
         return [run for sp in sparsities for host in hosts
                 for run in (_run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]))]
@@ -103,7 +106,7 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
 
 def _solver_plan(sparsities: tuple[str, ...], hosts: tuple[str, ...], updates: tuple[str, ...],
                  resolve_max_iters: int | None, update_lams: tuple[float | str, ...] | None,
-                 dampening_frac: float | None) -> list[dict[str, Any]]:
+                 dampening_frac: float | None, update_options: dict[str, Any]) -> list[dict[str, Any]]:
     """Per setting: the host, the default, SparseGPT at the damping given, then
     each weight update at its lams (:func:`make_plan`)."""
     damping = {} if dampening_frac is None else {"dampening_frac": dampening_frac}
@@ -111,7 +114,7 @@ def _solver_plan(sparsities: tuple[str, ...], hosts: tuple[str, ...], updates: t
         _run("host", sp, host), _moonshot(sp, host, default_settings(host, sp)[0]),
         # the host at the same damping: the damping's own gain, apart from MOONSHOT's
         *([_run("host", sp, host, **damping)] if damping and host == "sparsegpt" else []),
-        *(_update_run(sp, host, update, lam, resolve_max_iters, damping)
+        *(_update_run(sp, host, update, lam, resolve_max_iters, {**damping, **update_options})
           for update in updates
           if update == "host" or update in HOST_WEIGHT_UPDATES[host]
           for lam in _update_lams(sp, host, update, update_lams, damping)))]
@@ -183,12 +186,13 @@ def _update_lams(sparsity: str, host: str, update: str, update_lams: tuple[float
 
 
 def _update_run(sparsity: str, host: str, update: str, lam: float | str, resolve_max_iters: int | None,
-                damping: dict[str, float]) -> dict[str, Any]:
+                options: dict[str, Any]) -> dict[str, Any]:
     """A solver-plan run: MOONSHOT at ``lam`` with the weight update ``update``
-    (``host``: the host's own update, recorded as the modifier's default)."""
+    (``host``: the host's own update, recorded as the modifier's default) and
+    the modifier fields ``options``."""
     if update == "host":
-        return _moonshot(sparsity, host, lam, **damping)
-    return _moonshot(sparsity, host, lam, weight_update=update, **_recorded_cap(host, resolve_max_iters), **damping)
+        return _moonshot(sparsity, host, lam, **options)
+    return _moonshot(sparsity, host, lam, weight_update=update, **_recorded_cap(host, resolve_max_iters), **options)
 
 
 UNRECORDED_CAP = 100  # the PCG cap every weight-update record without one ran at
@@ -270,6 +274,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dampening-frac", type=float, default=None,
                         help="the solver plan's weight updates, and SparseGPT beside them, with this damping "
                         "(default: the modifiers')")
+    parser.add_argument("--admm-rho", type=float, default=None,
+                        help="the solver plan's admm runs with this initial penalty (default: the modifier's)")
+    parser.add_argument("--fisher-samples", type=int, default=None,
+                        help="the solver plan's weight updates with this many gradient-pass samples "
+                        "(default: all calibration samples)")
     parser.add_argument("--calib-samples", type=int, default=PROTOCOL_SETTINGS["calib_samples"])
     parser.add_argument("--seq-len", type=int, default=PROTOCOL_SETTINGS["seq_len"])
     parser.add_argument("--eval-tokens", type=int, default=PROTOCOL_SETTINGS["eval_tokens"], help="tokens of each evaluation text")
@@ -292,9 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.resolve_max_iters is not None and (args.plan != "solver" or args.resolve_max_iters < 1):
         parser.error(f"--resolve-max-iters needs --plan solver and a positive integer, got "
                      f"--plan {args.plan} --resolve-max-iters {args.resolve_max_iters}")
-    for flag, value in (("--taylor-weight", args.taylor_weight), ("--dampening-frac", args.dampening_frac)):
+    for flag, value in (("--taylor-weight", args.taylor_weight), ("--dampening-frac", args.dampening_frac),
+                        ("--admm-rho", args.admm_rho), ("--fisher-samples", args.fisher_samples)):
         if value is not None and args.plan != "solver":
             parser.error(f"{flag} needs --plan solver, got --plan {args.plan}")
+    if args.admm_rho is not None and args.weight_update != ["admm"]:
+        parser.error(f"--admm-rho needs --weight-update admm alone, got --weight-update {args.weight_update}")
     settings = {k: getattr(args, k) for k in ("calib_samples", "seq_len", "eval_tokens", "context")}
     if args.eval_set != "test":  # absent for the test set, so older result files still resume
         settings["eval_set"] = args.eval_set
@@ -320,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         full_plan = over_draws(
             make_plan(args.plan, tuple(args.sparsity or SPARSITIES), tuple(args.host or ("sparsegpt", "wanda")),
                       tuple(args.weight_update or WEIGHT_UPDATES), args.resolve_max_iters,
-                      tuple(args.taylor_weight) if args.taylor_weight else None, args.dampening_frac),
+                      tuple(args.taylor_weight) if args.taylor_weight else None, args.dampening_frac,
+                      {k: v for k, v in (("admm_rho", args.admm_rho), ("fisher_samples", args.fisher_samples))
+                       if v is not None}),
             tuple(args.calib_source or CALIBRATION_SOURCES), args.draws)
         plan = [r for r in full_plan if run_key(r, settings) not in done]
         if doc["settings"] != settings and doc["runs"]:

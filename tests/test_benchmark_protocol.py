@@ -84,6 +84,24 @@ def test_solver_plan_restricted_to_one_lam_or_damped_keeps_its_pairs():
             main(["--plan", "defaults", flag, value, "--report-only"])
 
 
+def test_solver_plan_gives_update_options_to_its_weight_updates_only():
+    from benchmarks.llm import main, make_plan
+
+    fast = {"admm_rho": 0.3, "fisher_samples": 16}
+    plan = make_plan("solver", ("2:4",), ("sparsegpt",), ("admm",), update_lams=("auto",), dampening_frac=0.1,
+                     update_options=fast)
+    assert [{k: r.get("options", {}).get(k) for k in ("dampening_frac", *fast)} for r in plan] == [
+        {"dampening_frac": None, "admm_rho": None, "fisher_samples": None},  # SparseGPT
+        {"dampening_frac": None, "admm_rho": None, "fisher_samples": None},  # the default
+        {"dampening_frac": 0.1, "admm_rho": None, "fisher_samples": None},  # SparseGPT, damped
+        {"dampening_frac": 0.1, "admm_rho": 0.3, "fisher_samples": 16}]
+    for argv in (["--plan", "defaults", "--fisher-samples", "16"],
+                 ["--plan", "solver", "--admm-rho", "0.3"],  # resolve runs have no ADMM
+                 ["--plan", "solver", "--weight-update", "resolve", "--weight-update", "admm", "--admm-rho", "0.3"]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--report-only"])
+
+
 def test_solver_plan_caps_only_its_weight_updates_and_records_caps_other_than_100():
     from benchmarks.llm import main, make_plan
 

@@ -30,10 +30,10 @@ SEED = 20261201
 CASES = 1000
 PRUNED = 14  # constructed cases that also prune the tiny model (about 1-2 s each)
 WIDTHS = (64, 128)  # the tiny Llama's input widths (hidden and intermediate size)
-SPARSEGPT_ONLY = ("row_weights", "block_size", "fisher_rows", "fisher_row_rank")
+SPARSEGPT_ONLY = ("row_weights", "block_size", "fisher_rows", "fisher_row_rank", "admm_rho")
 # fields drawn less often: valid only together with others, they would make
 # most cases fail
-RARE = {"fisher_rows": 0.2, "fisher_row_rank": 0.15, "resolve_max_iters": 0.2}
+RARE = {"fisher_rows": 0.2, "fisher_row_rank": 0.15, "resolve_max_iters": 0.2, "admm_rho": 0.15}
 BOOL_TEXT = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False,
              "1": True, "0": False, "t": True, "f": False, "y": True, "n": False}
 
@@ -100,6 +100,7 @@ VALID = {
     "fisher_rows": lambda v: v in ("shared", "per_row"),
     "fisher_row_rank": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
     "resolve_max_iters": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "admm_rho": lambda v: _number(v) and math.isfinite(v) and v > 0,
     "offload_fisher": lambda v: _bool(v) is not None,
     "block_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
     "dampening_frac": lambda v: _number(v) and math.isfinite(v) and v >= 0,
@@ -127,6 +128,8 @@ def faults(cls, fields: dict) -> set[str]:
     if "resolve_max_iters" in fields and fields.get("weight_update", "host") == "host":
         bad |= {"resolve_max_iters", "weight_update"}
     if cls is MoonshotSparseGPTModifier:
+        if "admm_rho" in fields and fields.get("weight_update", "host") != "admm":
+            bad |= {"admm_rho", "weight_update"}
         if _bool(fields.get("row_weights", False)) and (sample or m):
             bad |= {"row_weights", "fisher_mode", "mask_structure"}
         if m and fields.get("block_size", 128) % m:
@@ -179,6 +182,7 @@ TYPICAL = {
     "fisher_rows": ["shared", "per_row", "rows", "", None, 1],
     "fisher_row_rank": [None, 8, 2, 1, 0, -1, True, 2.5, "8"],
     "resolve_max_iters": [None, 50, 1, 0, -3, True, 2.5, "50"],
+    "admm_rho": [0.1, 0.3, 1, 0, -0.2, float("nan"), float("inf"), True, "0.3", None],
     "offload_fisher": [True, False, "true", 1, "maybe", None],
     "block_size": [128, 64, 32, 96, 4, 3, 1, 0, -4, True, 2.5, "128"],
     "dampening_frac": [0.01, 0.0, 0.1, -0.1, float("nan"), float("inf"), None, True, "0.01"],
@@ -224,6 +228,8 @@ def random_case(rng: random.Random) -> tuple[type, dict]:
     if ("fisher_rows" in fields or "fisher_row_rank" in fields) and rng.random() < 0.5:
         # the context per_row needs, often enough to construct
         fields.update(fisher_rows="per_row", fisher_mode="sample", weight_update=rng.choice(["resolve", "admm"]))
+    if "admm_rho" in fields and rng.random() < 0.5:  # the update it needs, often enough to construct
+        fields["weight_update"] = "admm"
     return cls, fields
 
 

@@ -2,6 +2,8 @@
 an ADMM search, never worse than the sweep on the objective it minimises; and
 ``fisher_rows: per_row``, the re-solve with each row's own Fisher."""
 
+import re
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -266,3 +268,26 @@ def test_resolve_max_iters_with_the_host_update_names_the_hosts_own_updates(host
     message = rf"resolve_max_iters applies only with weight_update in {solved}, got weight_update='host'"
     with pytest.raises(ValidationError, match=message):
         cls(**COMMON, resolve_max_iters=50)
+
+
+def test_admm_rho_reaches_the_search(tiny_llama_dir, loader):
+    fields = dict(COMMON, taylor_weight=0.0, weight_update="admm")
+    default = _prune(tiny_llama_dir, MoonshotSparseGPTModifier(**fields), loader)
+    explicit = _prune(tiny_llama_dir, MoonshotSparseGPTModifier(**fields, admm_rho=0.1), loader)
+    large = _prune(tiny_llama_dir, MoonshotSparseGPTModifier(**fields, admm_rho=50.0), loader)
+    assert all(torch.equal(default[k], explicit[k]) for k in default)
+    # a large initial penalty pins Z to the sweep's mask at once: some layer's mask differs
+    assert any(not torch.equal(default[k] != 0, large[k] != 0) for k in default)
+
+
+@pytest.mark.parametrize("value", [0, -0.5, float("nan"), float("inf"), True, "0.3", None])
+def test_bad_admm_rho_is_rejected(value):
+    with pytest.raises(ValidationError, match=rf"admm_rho must be a finite number > 0 .* got {re.escape(repr(value))}"):
+        MoonshotSparseGPTModifier(**COMMON, weight_update="admm", admm_rho=value)
+
+
+@pytest.mark.parametrize("update", ["host", "resolve"])
+def test_admm_rho_without_admm_is_rejected(update):
+    message = rf"admm_rho applies only with weight_update='admm', got weight_update='{update}'"
+    with pytest.raises(ValidationError, match=message):
+        MoonshotSparseGPTModifier(**COMMON, weight_update=update, admm_rho=0.3)

@@ -27,7 +27,7 @@ their hosts' state into these tensor functions.
   structured pruning
 """
 
-from moonshot_plugins.core.admm import AdmmResult, admm_prune, keep_largest
+from moonshot_plugins.core.admm import ADMM_RHO, AdmmResult, admm_prune, keep_largest
 from moonshot_plugins.core.channel_scores import (
     OBJECTIVE_SCALES,
     RECON_SCALES,
@@ -103,6 +103,7 @@ from moonshot_plugins.core.row_fisher import RowFisherBuilder, row_fisher_matvec
 from moonshot_plugins.core.sparsify import moonshot_wanda_scores, row_wise_mask
 
 __all__ = [
+    "ADMM_RHO",
     "AdmmResult",
     "admm_prune",
     "keep_largest",

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from moonshot_plugins.core import (
+    ADMM_RHO,
     LayerCurvature,
     admm_prune,
     layer_curvature,
@@ -54,6 +55,8 @@ __all__ = [
     "validate_fisher_row_rank",
     "validate_resolve_max_iters",
     "check_resolve_max_iters",
+    "validate_admm_rho",
+    "check_admm_rho",
     "resolve_iterations",
 ]
 
@@ -121,6 +124,21 @@ def check_resolve_max_iters(weight_update: str, fields_set: set[str],
             f"resolve_max_iters applies only with weight_update in {solved}, "
             "got weight_update='host'"
         )
+
+
+def validate_admm_rho(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(
+            f"admm_rho must be a finite number > 0 (ADMM's initial penalty, relative to the "
+            f"mean curvature diagonal; default {ADMM_RHO}), got {value!r}"
+        )
+    return float(value)
+
+
+def check_admm_rho(weight_update: str, fields_set: set[str]) -> None:
+    """``admm_rho`` sets the ADMM search, which only ``weight_update: admm`` runs."""
+    if weight_update != "admm" and "admm_rho" in fields_set:
+        raise ValueError(f"admm_rho applies only with weight_update='admm', got weight_update={weight_update!r}")
 
 
 def resolve_iterations(resolve_max_iters: int | None, host: str, per_row: bool = False) -> int:
@@ -196,6 +214,7 @@ def updated_weight(
     prune_n: int,
     prune_m: int,
     resolve_max_iters: int | None = None,
+    admm_rho: float = ADMM_RHO,
 ) -> tuple[torch.Tensor, float, float]:
     """The new (d_out, d_in) fp32 weight, and the objective (dimensionless, in
     units of H) of the host's weight and of the new one.
@@ -203,6 +222,7 @@ def updated_weight(
     :param host_weight: the sweep's result, (d_out, d_in); its zeros are its mask
     :param resolve_max_iters: PCG cap of the re-solve (None: SparseGPT's default,
         see :func:`resolve_iterations`)
+    :param admm_rho: ADMM's initial penalty (``weight_update: admm``; dimensionless)
     """
     curvature = snapshot_curvature(snapshot, dampening_frac)
     dense = snapshot.dense_weight
@@ -212,7 +232,7 @@ def updated_weight(
     else:
         new = admm_prune(
             curvature, dense, snapshot.sparsity, prune_n, prune_m, initial_weight=host_weight,
-            resolve_iters=iterations,
+            rho=admm_rho, resolve_iters=iterations,
         ).weight
     before = float(curvature.row_values(host_weight - dense).sum())
     after = float(curvature.row_values(new - dense).sum())
