@@ -30,6 +30,7 @@ __all__ = [
     "check_layer_widths",
     "check_sparsity_list",
     "checked_sparsity",
+    "is_number",
     "validate_block_size",
     "validate_dampening_frac",
     "validate_ignore",
@@ -39,7 +40,8 @@ __all__ = [
 ]
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A real number of a recipe field: int or float, not bool (a bool is an int to Python)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -50,7 +52,7 @@ def validate_sparsity(value: Any) -> float | list[float] | None:
         return None
     values = value if isinstance(value, (list, tuple)) else [value]
     for item in values or [None]:  # an empty list is no sparsity either
-        if not _is_number(item) or not 0.0 < item < 1.0:
+        if not is_number(item) or not 0.0 < item < 1.0:
             raise ValueError(
                 "sparsity must be a fraction in (0, 1) (or a list of them, one per target "
                 f"layer; 0 would prune nothing), got {value!r}"
@@ -127,7 +129,7 @@ def validate_block_size(value: Any) -> int:
 
 def validate_dampening_frac(value: Any) -> float:
     """SparseGPT's damping, a fraction of the Hessian's mean diagonal: a finite number >= 0."""
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
+    if not is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"dampening_frac must be a finite number >= 0, got {value!r}")
     return float(value)
 

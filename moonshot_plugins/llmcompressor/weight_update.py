@@ -28,6 +28,7 @@ diagonal; with exact factors the rows' average of A_j is the sweep's Hessian.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ from moonshot_plugins.core import (
     resolve_on_mask,
     row_fisher_curvature,
 )
+from moonshot_plugins.llmcompressor.host_fields import is_number
 
 __all__ = [
     "WEIGHT_UPDATES",
@@ -127,7 +129,7 @@ def check_resolve_max_iters(weight_update: str, fields_set: set[str],
 
 
 def validate_admm_rho(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+    if not is_number(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(
             f"admm_rho must be a finite number > 0 (ADMM's initial penalty, relative to the "
             f"mean curvature diagonal; default {ADMM_RHO}), got {value!r}"
