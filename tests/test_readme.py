@@ -11,6 +11,7 @@ import pathlib
 import re
 from typing import Any
 
+import pytest
 import torch
 import torch_pruning as tp
 
@@ -18,6 +19,7 @@ from moonshot_plugins.checkpoint import check_checkpoint
 from tests.tiny_models import TINY_TEXTS
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+RECIPES = README.parent / "recipes"
 LLM_COMPRESSOR_BLOCK = "from llmcompressor import oneshot"
 TORCH_PRUNING_BLOCK = "MoonshotImportance("
 VISION_BLOCK = "moonshot_prune("
@@ -48,6 +50,25 @@ def test_every_python_block_is_run_here():
     blocks = python_blocks()
     assert len(blocks) == len(MARKERS)
     assert [sum(marker in b for marker in MARKERS) for b in blocks] == [1] * len(MARKERS)
+
+
+@pytest.mark.parametrize("source", ["README.md", *sorted(p.name for p in RECIPES.glob("*.yaml"))])
+def test_every_yaml_recipe_builds_its_modifiers(source):
+    """A recipe a user copies builds: its field names and values pass each
+    modifier's own checks (the modifiers forbid unknown fields, so a misspelt
+    one fails here)."""
+    from llmcompressor.recipe import Recipe
+
+    import moonshot_plugins.llmcompressor  # noqa: F401  (registers the MOONSHOT modifiers)
+
+    if source == "README.md":
+        texts = re.findall(r"^```yaml\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.S | re.M)
+    else:
+        texts = [(RECIPES / source).read_text(encoding="utf-8")]
+    assert texts
+    for text in texts:
+        modifiers = Recipe.create_instance(text).modifiers
+        assert any(type(m).__name__.startswith("Moonshot") for m in modifiers), text
 
 
 def test_llm_compressor_example_saves_a_2of4_checkpoint(tiny_llama_dir, tmp_path, monkeypatch):
