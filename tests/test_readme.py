@@ -2,7 +2,8 @@
 
 Each fenced ``python`` block of README.md is claimed by exactly one test below,
 which replaces the block's placeholder strings and supplies the names the
-README leaves to the reader, with a tiny model and a few samples.
+README leaves to the reader, with a tiny model and a few samples. Every
+``yaml`` block, and every ready recipe in ``recipes/``, builds its modifiers.
 """
 
 from __future__ import annotations
