@@ -32,8 +32,9 @@ import subprocess
 import sys
 from typing import Any
 
-from benchmarks.llm import PROTOCOL_SETTINGS, code_version, make_plan, machine_description, over_draws
+from benchmarks.llm import PROTOCOL_SETTINGS, make_plan, over_draws
 from benchmarks.llm_run import prune, run_data
+from benchmarks.provenance import code_version, machine_description
 from benchmarks.report import run_label
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

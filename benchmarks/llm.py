@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import pathlib
 import platform
 import subprocess
@@ -36,6 +35,7 @@ from typing import Any
 
 from benchmarks.protocol import CALIBRATION_SOURCES, EVALUATION_TEXTS, HELDOUT_TEXTS, RUN_KEYS
 from benchmarks.protocol_report import protocol_tables, write_protocol_block
+from benchmarks.provenance import code_version, machine_description, write_atomically
 from benchmarks.report import default_settings, print_cost_pairs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -88,7 +88,8 @@ def make_plan(plan: str, sparsities: tuple[str, ...] = SPARSITIES,
     (:func:`_recorded_cap`), at ``update_lams`` when given (default: 0 and
     the host's default; 1 is Taylor-only on the same solver) and with the modifiers'
     ``dampening_frac`` when given (SparseGPT then also runs at that damping)
-    and with the modifier fields ``update_options`` (e.g. ``admm_rho``);
+    and with the modifier fields ``update_options`` (e.g. ``admm_rho``; with
+    ``fisher_rows`` the updates run in sample mode);
     :func:`over_draws` repeats each run over calibration sources and draws.
     """
     if plan not in PLANS:
@@ -192,19 +193,23 @@ def _update_run(sparsity: str, host: str, update: str, lam: float | str, resolve
     the modifier fields ``options``."""
     if update == "host":
         return _moonshot(sparsity, host, lam, **options)
-    return _moonshot(sparsity, host, lam, weight_update=update, **_recorded_cap(host, resolve_max_iters), **options)
+    cap = _recorded_cap(host, resolve_max_iters, per_row=options.get("fisher_rows") == "per_row")
+    if "fisher_rows" in options:  # both row choices are made of the per-sample Fisher
+        return _run("moonshot", sparsity, host, lam, "sample", weight_update=update, **cap, **options)
+    return _moonshot(sparsity, host, lam, weight_update=update, **cap, **options)
 
 
 UNRECORDED_CAP = 100  # the PCG cap every weight-update record without one ran at
 
 
-def _recorded_cap(host: str, resolve_max_iters: int | None) -> dict[str, int]:
+def _recorded_cap(host: str, resolve_max_iters: int | None, per_row: bool = False) -> dict[str, int]:
     """The PCG cap a weight-update run records: the one asked for, else the
-    modifier's default; recorded only where it is not ``UNRECORDED_CAP``, so
-    records stay unambiguous when a default changes."""
+    modifier's default (``per_row``: with ``fisher_rows: per_row``); recorded
+    only where it is not ``UNRECORDED_CAP``, so records stay unambiguous when
+    a default changes."""
     from moonshot_plugins.llmcompressor.weight_update import resolve_iterations
 
-    cap = resolve_iterations(resolve_max_iters, host)
+    cap = resolve_iterations(resolve_max_iters, host, per_row)
     return {} if cap == UNRECORDED_CAP else {"resolve_max_iters": cap}
 
 
@@ -237,20 +242,6 @@ def run_key(run: dict[str, Any], settings: dict[str, Any]) -> str:
 
 
 # -- orchestration ---------------------------------------------------------
-def machine_description() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores {cpu}, torch {torch.__version__}, threads {torch.get_num_threads()}"
-
-
 def _lam(text: str) -> float | str:
     """A ``--taylor-weight`` value: "auto" or a number."""
     return text if text == "auto" else float(text)
@@ -279,6 +270,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fisher-samples", type=int, default=None,
                         help="the solver plan's weight updates with this many gradient-pass samples "
                         "(default: all calibration samples)")
+    parser.add_argument("--fisher-rows", choices=("shared", "per_row"), default=None,
+                        help="the solver plan's weight updates in sample mode with this fisher_rows "
+                        "(SparseGPT only; shared is per_row's control on the same per-sample Fisher)")
     parser.add_argument("--calib-samples", type=int, default=PROTOCOL_SETTINGS["calib_samples"])
     parser.add_argument("--seq-len", type=int, default=PROTOCOL_SETTINGS["seq_len"])
     parser.add_argument("--eval-tokens", type=int, default=PROTOCOL_SETTINGS["eval_tokens"], help="tokens of each evaluation text")
@@ -295,18 +289,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse the solver plan's flags outside it, and combinations no run can honour."""
     if args.resolve_max_iters is not None and (args.plan != "solver" or args.resolve_max_iters < 1):
         parser.error(f"--resolve-max-iters needs --plan solver and a positive integer, got "
                      f"--plan {args.plan} --resolve-max-iters {args.resolve_max_iters}")
     for flag, value in (("--taylor-weight", args.taylor_weight), ("--dampening-frac", args.dampening_frac),
-                        ("--admm-rho", args.admm_rho), ("--fisher-samples", args.fisher_samples)):
+                        ("--admm-rho", args.admm_rho), ("--fisher-samples", args.fisher_samples),
+                        ("--fisher-rows", args.fisher_rows)):
         if value is not None and args.plan != "solver":
             parser.error(f"{flag} needs --plan solver, got --plan {args.plan}")
     if args.admm_rho is not None and args.weight_update != ["admm"]:
         parser.error(f"--admm-rho needs --weight-update admm alone, got --weight-update {args.weight_update}")
+    if args.fisher_rows is not None and (args.host != ["sparsegpt"] or "host" in (args.weight_update or ())):
+        parser.error(f"--fisher-rows needs --host sparsegpt alone and weight updates other than host, got "
+                     f"--host {args.host} --weight-update {args.weight_update}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_flags(parser, args)
     settings = {k: getattr(args, k) for k in ("calib_samples", "seq_len", "eval_tokens", "context")}
     if args.eval_set != "test":  # absent for the test set, so older result files still resume
         settings["eval_set"] = args.eval_set
@@ -333,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             make_plan(args.plan, tuple(args.sparsity or SPARSITIES), tuple(args.host or ("sparsegpt", "wanda")),
                       tuple(args.weight_update or WEIGHT_UPDATES), args.resolve_max_iters,
                       tuple(args.taylor_weight) if args.taylor_weight else None, args.dampening_frac,
-                      {k: v for k, v in (("admm_rho", args.admm_rho), ("fisher_samples", args.fisher_samples))
-                       if v is not None}),
+                      {k: v for k, v in (("admm_rho", args.admm_rho), ("fisher_samples", args.fisher_samples),
+                                         ("fisher_rows", args.fisher_rows)) if v is not None}),
             tuple(args.calib_source or CALIBRATION_SOURCES), args.draws)
         plan = [r for r in full_plan if run_key(r, settings) not in done]
         if doc["settings"] != settings and doc["runs"]:
@@ -376,27 +379,6 @@ def run_plan(doc: dict[str, Any], plan: list[dict[str, Any]], settings: dict[str
         doc["runs"].append(result)
         write_atomically(output, doc)
         print("   ", {k: round(v, 2) for k, v in result.items() if isinstance(v, float)}, flush=True)
-
-
-def write_atomically(path: pathlib.Path, doc: dict[str, Any]) -> None:
-    """Write ``doc`` as JSON to a temporary file beside ``path``, then rename
-    it into place, so an interrupted run never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(path.name + ".tmp")
-    scratch.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(scratch, path)
-
-
-def code_version(measured: tuple[str, ...] = ("moonshot_plugins", "benchmarks/llm.py",
-                                              "benchmarks/llm_run.py")) -> str:
-    """The commit the run measured, "+dirty" when the measured code (paths
-    relative to the repository root) had uncommitted changes."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", *measured)
-    return commit + ("+dirty" if changed else "")
 
 
 def _settings_args(settings: dict[str, Any]) -> list[str]:

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.llm import code_version, machine_description
+    from benchmarks.provenance import code_version, machine_description
     from benchmarks.llm_run import run_data
 
     torch.set_num_threads(1)

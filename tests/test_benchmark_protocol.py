@@ -102,6 +102,25 @@ def test_solver_plan_gives_update_options_to_its_weight_updates_only():
             main([*argv, "--report-only"])
 
 
+def test_solver_plan_fisher_rows_runs_its_updates_in_sample_mode_with_their_cap():
+    from benchmarks.llm import main, make_plan
+
+    for rows, cap in (("per_row", 300), ("shared", None)):  # per_row's default PCG cap is recorded
+        plan = make_plan("solver", ("2:4",), ("sparsegpt",), ("resolve",), update_lams=("auto",),
+                         update_options={"fisher_rows": rows})
+        host, default, update = plan
+        assert (host["fisher_mode"], default["fisher_mode"]) == ("token", "token")  # the recorded pairs
+        assert "fisher_rows" not in default.get("options", {})
+        assert update["fisher_mode"] == "sample" and update["options"]["fisher_rows"] == rows
+        assert update["options"].get("resolve_max_iters") == cap
+    for argv in (["--plan", "defaults", "--fisher-rows", "per_row"],
+                 ["--plan", "solver", "--fisher-rows", "per_row"],  # Wanda has no fisher_rows
+                 ["--plan", "solver", "--host", "wanda", "--fisher-rows", "per_row"],
+                 ["--plan", "solver", "--host", "sparsegpt", "--weight-update", "host", "--fisher-rows", "shared"]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--report-only"])
+
+
 def test_solver_plan_caps_only_its_weight_updates_and_records_caps_other_than_100():
     from benchmarks.llm import main, make_plan
 

@@ -64,7 +64,7 @@ from vision_data import (  # noqa: E402
     EFFICIENTNET, Batches, ModelData, dense_recalibrated_scores, model_data, recalibrated_scores,
 )
 
-from benchmarks.llm import code_version, machine_description, write_atomically  # noqa: E402
+from benchmarks.provenance import code_version, machine_description, write_atomically  # noqa: E402
 from benchmarks.report import write_block  # noqa: E402
 from moonshot_plugins.torch_pruning import MoonshotImportance, sync_vit_heads, vit_num_heads  # noqa: E402
 

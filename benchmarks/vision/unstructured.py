@@ -73,7 +73,8 @@ from vision_data import (  # noqa: E402
     recalibrated_scores,
 )
 
-from benchmarks.llm import code_version, machine_description, run_key, write_atomically  # noqa: E402
+from benchmarks.llm import run_key  # noqa: E402
+from benchmarks.provenance import code_version, machine_description, write_atomically  # noqa: E402
 from benchmarks.report import write_block  # noqa: E402
 from moonshot_plugins.vision import DEFAULT_VISION_TAYLOR_WEIGHT, moonshot_prune  # noqa: E402
 from moonshot_plugins.vision.layers import DEFAULT_TARGETS, select_layers  # noqa: E402
