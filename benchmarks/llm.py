@@ -304,6 +304,9 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if args.fisher_rows is not None and (args.host != ["sparsegpt"] or "host" in (args.weight_update or ())):
         parser.error(f"--fisher-rows needs --host sparsegpt alone and weight updates other than host, got "
                      f"--host {args.host} --weight-update {args.weight_update}")
+    if args.fisher_rows is not None and not all(isinstance(lam, float) for lam in args.taylor_weight or ("auto",)):
+        parser.error(f"--fisher-rows runs sample mode, whose taylor_weight must be a number: give --taylor-weight "
+                     f"numbers, got {args.taylor_weight or 'the default, auto'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
 
     suffix = "" if args.eval_set == "test" else f"-{args.eval_set}"
     output = args.output or RESULTS_DIR / f"{datetime.date.today()}-{platform.node() or 'cpu'}{suffix}.json"
+    if args.report_only and not output.exists():  # else it would write an empty block to the results page
+        parser.error(f"--report-only reads an existing --output; {output} does not exist")
     doc = json.loads(output.read_text()) if output.exists() else {
         "command": "python -m benchmarks.llm " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_description(),

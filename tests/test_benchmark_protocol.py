@@ -106,7 +106,7 @@ def test_solver_plan_fisher_rows_runs_its_updates_in_sample_mode_with_their_cap(
     from benchmarks.llm import main, make_plan
 
     for rows, cap in (("per_row", 300), ("shared", None)):  # per_row's default PCG cap is recorded
-        plan = make_plan("solver", ("2:4",), ("sparsegpt",), ("resolve",), update_lams=("auto",),
+        plan = make_plan("solver", ("2:4",), ("sparsegpt",), ("resolve",), update_lams=(0.5,),
                          update_options={"fisher_rows": rows})
         host, default, update = plan
         assert (host["fisher_mode"], default["fisher_mode"]) == ("token", "token")  # the recorded pairs
@@ -116,7 +116,9 @@ def test_solver_plan_fisher_rows_runs_its_updates_in_sample_mode_with_their_cap(
     for argv in (["--plan", "defaults", "--fisher-rows", "per_row"],
                  ["--plan", "solver", "--fisher-rows", "per_row"],  # Wanda has no fisher_rows
                  ["--plan", "solver", "--host", "wanda", "--fisher-rows", "per_row"],
-                 ["--plan", "solver", "--host", "sparsegpt", "--weight-update", "host", "--fisher-rows", "shared"]):
+                 ["--plan", "solver", "--host", "sparsegpt", "--weight-update", "host", "--fisher-rows", "shared"],
+                 ["--plan", "solver", "--host", "sparsegpt", "--fisher-rows", "shared"],  # default lams: auto
+                 ["--plan", "solver", "--host", "sparsegpt", "--taylor-weight", "auto", "--fisher-rows", "per_row"]):
         with pytest.raises(SystemExit):
             main([*argv, "--report-only"])
 
@@ -148,6 +150,16 @@ def test_ratios_pair_with_any_baseline_of_the_same_draw():
     cells = paired_ratios(runs, lambda r: r["method"] == "other", ["a"], baseline=lambda r: r["method"] == "moonshot")
     assert cells[("austen", "a")]["ratio"] == pytest.approx((2.0, 0.0))
     assert cells[("austen", "a")]["host_ppl"][0] == pytest.approx(sum((100.0 + d) * x for d, x in enumerate([0.8, 0.9, 1.0])) / 3)
+
+
+def test_report_only_refuses_a_missing_results_file(tmp_path, monkeypatch):
+    import benchmarks.llm as llm
+
+    written = []
+    monkeypatch.setattr(llm, "write_protocol_block", lambda doc, output, tables: written.append(output))
+    with pytest.raises(SystemExit):
+        llm.main(["--plan", "solver", "--output", str(tmp_path / "absent.json"), "--report-only"])
+    assert written == [] and not (tmp_path / "absent.json").exists()
 
 
 def test_only_the_protocols_settings_write_the_results_page(tmp_path, monkeypatch):
