@@ -97,18 +97,36 @@ class _PeakAnonymousMemory:
         self.peak_mb = max(self.peak_mb, self._now())
 
 
+def recipe_of(run: dict[str, Any]) -> list[Any] | None:
+    """The recipe a host or MOONSHOT run prunes with; None for dense and magnitude."""
+    from moonshot_plugins.cli import make_modifier
+
+    if run["method"] not in ("host", "moonshot"):
+        return None
+    lam = run["lam"] if run["method"] == "moonshot" else None
+    extra = run.get("options", {}) if lam is None else {"fisher_mode": run["fisher_mode"], **run.get("options", {})}
+    return [make_modifier(run["host"], _structure(run["sparsity"]), lam, **extra)]
+
+
+def check_runs(runs: list[dict[str, Any]]) -> None:
+    """Build every run's recipe before the first run starts, so that a field
+    combination no modifier accepts stops the plan at once, naming the run,
+    instead of after the runs before it (each takes minutes)."""
+    for index, run in enumerate(runs, 1):
+        try:
+            recipe_of(run)
+        except ValueError as exc:  # pydantic's ValidationError is one
+            raise SystemExit(f"run {index} of {len(runs)} cannot run, nothing was run: {run}\n{exc}") from None
+
+
 def prune(model, run: dict[str, Any], loader):
     """The pruned model of one run (``method`` dense, magnitude, host or moonshot)."""
-    from moonshot_plugins.cli import make_modifier
     from moonshot_plugins.lm import run_oneshot
 
     if run["method"] == "magnitude":
         _magnitude(model, _structure(run["sparsity"]))
     elif run["method"] in ("host", "moonshot"):
-        lam = run["lam"] if run["method"] == "moonshot" else None
-        extra = run.get("options", {}) if lam is None else {"fisher_mode": run["fisher_mode"], **run.get("options", {})}
-        recipe = [make_modifier(run["host"], _structure(run["sparsity"]), lam, **extra)]
-        model = run_oneshot(model, recipe, loader, shuffle_calibration_samples=False)
+        model = run_oneshot(model, recipe_of(run), loader, shuffle_calibration_samples=False)
     return model
 
 

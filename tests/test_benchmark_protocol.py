@@ -248,3 +248,22 @@ def test_the_hosts_own_update_is_planned_without_repeats_and_the_default_meets_e
     assert "weight_update=host: lam=auto / lam=1 | 0.947" in reconstruction_block  # 0.9 / 0.95
     assert "default / weight_update=host, lam=1 | 0.947" in default_block
     assert "default / weight_update=admm, lam=0 | 1.125" in default_block  # 0.9 / 0.8: the default loses there
+
+
+def test_a_run_no_modifier_accepts_stops_the_plan_before_any_run(tmp_path, monkeypatch, capsys):
+    import benchmarks.llm as llm
+
+    started = []
+    monkeypatch.setattr(llm, "run_plan", lambda *args: started.append(args))
+    monkeypatch.setattr(llm, "write_protocol_block", lambda doc, output, tables: None)
+    output = tmp_path / "plan.json"
+    # sample mode (--fisher-rows) at auto: the SparseGPT modifier refuses it
+    with pytest.raises(SystemExit, match="taylor_weight") as refusal:
+        llm.main(["--plan", "solver", "--sparsity", "2:4", "--host", "sparsegpt", "--weight-update", "resolve",
+                  "--taylor-weight", "auto", "--fisher-rows", "per_row", "--draws", "1", "--output", str(output)])
+    assert "nothing was run" in str(refusal.value) and "'fisher_rows': 'per_row'" in str(refusal.value)
+    assert started == [] and not output.exists()
+    # a plan every modifier accepts reaches run_plan
+    llm.main(["--plan", "solver", "--sparsity", "2:4", "--host", "sparsegpt", "--weight-update", "resolve",
+              "--taylor-weight", "0.5", "--fisher-rows", "per_row", "--draws", "1", "--output", str(output)])
+    assert len(started) == 1 and len(started[0][1]) == 2 * 3  # host, default, the update; per source
