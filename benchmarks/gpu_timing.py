@@ -86,7 +86,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     ids = torch.randint(0, vocab, (args.samples * args.seq_len,))
     loader = calibration_loader(ids, args.samples, args.seq_len)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    recipe = [make_modifier(host, {"sparsity": 0.5, "mask_structure": "2:4"}, taylor_weight, **dict(fields))]
+    recipe = [make_modifier(host, {"sparsity": 0.5, "mask_structure": "2:4"}, taylor_weight, **fields)]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
@@ -116,8 +116,8 @@ def _run_child(args: argparse.Namespace, model_dir: pathlib.Path, label: str) ->
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _with_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each run with its time and peak memory over its host's run of the same repeat."""
+def _add_ratios(results: list[dict[str, Any]]) -> None:
+    """Each run's time and peak memory over its host's run of the same repeat, in place."""
     for r in results:
         base = next((b for b in results if b["method"] == r["host"] and b["repeat"] == r["repeat"]), None)
         if base is None:
@@ -126,7 +126,6 @@ def _with_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r["rss_vs_host"] = r["peak_rss_mb"] / base["peak_rss_mb"]
         if r["peak_accelerator_mb"]:
             r["accelerator_mb_vs_host"] = r["peak_accelerator_mb"] / base["peak_accelerator_mb"]
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             for label in args.methods:
                 doc["results"].append({**_run_child(args, model_dir, label), "repeat": repeat})
-                _with_ratios(doc["results"])
+                _add_ratios(doc["results"])
                 write_atomically(output, doc)  # after each method: a cut run keeps what it measured
                 print(doc["results"][-1], flush=True)
     print(f"{'method':30} {'seconds':>9} {'x host':>7} {'peak GPU MB':>12} {'x host':>7}")
