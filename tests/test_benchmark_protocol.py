@@ -9,6 +9,17 @@ import torch
 from benchmarks.protocol import draw_loader, draw_starts, mean_and_error, paired_ratios, verdict
 
 
+def _refused_by_flag_check(argv, capsys):
+    """``benchmarks.llm`` refuses ``argv`` in its flag checks, before anything
+    runs: not merely because ``--report-only`` has no results file to read."""
+    from benchmarks.llm import main
+
+    with pytest.raises(SystemExit):
+        main([*argv, "--report-only"])
+    error = capsys.readouterr().err
+    assert "error:" in error and "--report-only reads" not in error, (argv, error)
+
+
 def test_draws_are_seeded_non_overlapping_and_differ_between_seeds():
     starts = draw_starts(10_000, 16, 128, seed=1)
     assert starts == draw_starts(10_000, 16, 128, seed=1)
@@ -69,8 +80,8 @@ def test_solver_plan_pairs_each_host_with_its_own_weight_updates():
         assert [r["method"] for r in plan if r["host"] == host][0] == "host"
 
 
-def test_solver_plan_restricted_to_one_lam_or_damped_keeps_its_pairs():
-    from benchmarks.llm import main, make_plan
+def test_solver_plan_restricted_to_one_lam_or_damped_keeps_its_pairs(capsys):
+    from benchmarks.llm import make_plan
 
     plan = make_plan("solver", ("2:4",), ("sparsegpt",), ("admm",), update_lams=("auto",))
     assert [(r["method"], r["lam"], r.get("options", {}).get("weight_update")) for r in plan] == [
@@ -80,12 +91,11 @@ def test_solver_plan_restricted_to_one_lam_or_damped_keeps_its_pairs():
     assert [(r["method"], r.get("options", {}).get("dampening_frac")) for r in damped] == [
         ("host", None), ("moonshot", None), ("host", 0.1), ("moonshot", 0.1)]
     for flag, value in (("--taylor-weight", "auto"), ("--dampening-frac", "0.1")):
-        with pytest.raises(SystemExit):
-            main(["--plan", "defaults", flag, value, "--report-only"])
+        _refused_by_flag_check(["--plan", "defaults", flag, value], capsys)
 
 
-def test_solver_plan_gives_update_options_to_its_weight_updates_only():
-    from benchmarks.llm import main, make_plan
+def test_solver_plan_gives_update_options_to_its_weight_updates_only(capsys):
+    from benchmarks.llm import make_plan
 
     fast = {"admm_rho": 0.3, "fisher_samples": 16}
     plan = make_plan("solver", ("2:4",), ("sparsegpt",), ("admm",), update_lams=("auto",), dampening_frac=0.1,
@@ -98,12 +108,11 @@ def test_solver_plan_gives_update_options_to_its_weight_updates_only():
     for argv in (["--plan", "defaults", "--fisher-samples", "16"],
                  ["--plan", "solver", "--admm-rho", "0.3"],  # resolve runs have no ADMM
                  ["--plan", "solver", "--weight-update", "resolve", "--weight-update", "admm", "--admm-rho", "0.3"]):
-        with pytest.raises(SystemExit):
-            main([*argv, "--report-only"])
+        _refused_by_flag_check(argv, capsys)
 
 
-def test_solver_plan_fisher_rows_runs_its_updates_in_sample_mode_with_their_cap():
-    from benchmarks.llm import main, make_plan
+def test_solver_plan_fisher_rows_runs_its_updates_in_sample_mode_with_their_cap(capsys):
+    from benchmarks.llm import make_plan
 
     for rows, cap in (("per_row", 300), ("shared", None)):  # per_row's default PCG cap is recorded
         plan = make_plan("solver", ("2:4",), ("sparsegpt",), ("resolve",), update_lams=(0.5,),
@@ -116,15 +125,13 @@ def test_solver_plan_fisher_rows_runs_its_updates_in_sample_mode_with_their_cap(
     for argv in (["--plan", "defaults", "--fisher-rows", "per_row"],
                  ["--plan", "solver", "--fisher-rows", "per_row"],  # Wanda has no fisher_rows
                  ["--plan", "solver", "--host", "wanda", "--fisher-rows", "per_row"],
-                 ["--plan", "solver", "--host", "sparsegpt", "--weight-update", "host", "--fisher-rows", "shared"],
-                 ["--plan", "solver", "--host", "sparsegpt", "--fisher-rows", "shared"],  # default lams: auto
-                 ["--plan", "solver", "--host", "sparsegpt", "--taylor-weight", "auto", "--fisher-rows", "per_row"]):
-        with pytest.raises(SystemExit):
-            main([*argv, "--report-only"])
+                 ["--plan", "solver", "--host", "sparsegpt", "--weight-update", "host", "--fisher-rows", "shared"]):
+        _refused_by_flag_check(argv, capsys)
+    # --fisher-rows at auto: the modifier refuses it (test_a_run_no_modifier_accepts_stops_the_plan_before_any_run)
 
 
-def test_solver_plan_caps_only_its_weight_updates_and_records_caps_other_than_100():
-    from benchmarks.llm import main, make_plan
+def test_solver_plan_caps_only_its_weight_updates_and_records_caps_other_than_100(capsys):
+    from benchmarks.llm import make_plan
 
     def caps(plan):
         return [r.get("options", {}).get("resolve_max_iters", "none") for r in plan]
@@ -140,8 +147,7 @@ def test_solver_plan_caps_only_its_weight_updates_and_records_caps_other_than_10
         if "weight_update" not in before.get("options", {}):
             assert after == before
     for argv in (["--plan", "defaults", "--resolve-max-iters", "50"], ["--plan", "solver", "--resolve-max-iters", "0"]):
-        with pytest.raises(SystemExit):
-            main(argv + ["--report-only"])
+        _refused_by_flag_check(argv, capsys)
 
 
 def test_ratios_pair_with_any_baseline_of_the_same_draw():
@@ -257,12 +263,13 @@ def test_a_run_no_modifier_accepts_stops_the_plan_before_any_run(tmp_path, monke
     monkeypatch.setattr(llm, "run_plan", lambda *args: started.append(args))
     monkeypatch.setattr(llm, "write_protocol_block", lambda doc, output, tables: None)
     output = tmp_path / "plan.json"
-    # sample mode (--fisher-rows) at auto: the SparseGPT modifier refuses it
-    with pytest.raises(SystemExit, match="taylor_weight") as refusal:
-        llm.main(["--plan", "solver", "--sparsity", "2:4", "--host", "sparsegpt", "--weight-update", "resolve",
-                  "--taylor-weight", "auto", "--fisher-rows", "per_row", "--draws", "1", "--output", str(output)])
-    assert "nothing was run" in str(refusal.value) and "'fisher_rows': 'per_row'" in str(refusal.value)
-    assert started == [] and not output.exists()
+    # sample mode (--fisher-rows) at auto, given or the default lam: the SparseGPT modifier refuses it
+    for lams, rows in ((["--taylor-weight", "auto"], "per_row"), ([], "shared")):
+        with pytest.raises(SystemExit, match="taylor_weight") as refusal:
+            llm.main(["--plan", "solver", "--sparsity", "2:4", "--host", "sparsegpt", "--weight-update", "resolve",
+                      *lams, "--fisher-rows", rows, "--draws", "1", "--output", str(output)])
+        assert "nothing was run" in str(refusal.value) and f"'fisher_rows': '{rows}'" in str(refusal.value)
+        assert started == [] and not output.exists()
     # a plan every modifier accepts reaches run_plan
     llm.main(["--plan", "solver", "--sparsity", "2:4", "--host", "sparsegpt", "--weight-update", "resolve",
               "--taylor-weight", "0.5", "--fisher-rows", "per_row", "--draws", "1", "--output", str(output)])
