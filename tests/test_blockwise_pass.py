@@ -1,6 +1,7 @@
 """The gradient pass one decoder layer at a time against the whole-model pass."""
 
 import contextlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 
 from moonshot_plugins import MoonshotSparseGPTModifier
 from moonshot_plugins.core import FisherCollector, resolve_gradient_dtype, run_gradient_pass
-from moonshot_plugins.core.blockwise_pass import blocks_bypassed
+from moonshot_plugins.core.blockwise_pass import blocks_bypassed, group_budget
 from moonshot_plugins.llmcompressor import gradient_pass
 from moonshot_plugins.llmcompressor.causal_lm import CausalLMLosses
 from moonshot_plugins.llmcompressor.gradient_pass import (
@@ -87,6 +88,39 @@ def test_groups_of_batches_give_the_same_statistics(monkeypatch, deep_llama_dir,
     monkeypatch.setattr(gradient_pass, "_group_bytes", lambda model, device: 10**9)
     grouped, _ = records(model, loader, "token_weights")
     assert_same_records(grouped, one)
+
+
+def test_a_group_budget_sets_the_block_trips(deep_llama_dir, loader):
+    """Batches whose boundaries fit ``group_bytes`` share each block's two trips."""
+    model = AutoModelForCausalLM.from_pretrained(deep_llama_dir, dtype=torch.float32)
+    blocks = list(model.model.layers)
+    # one batch of 24 tokens: its fp32 input of every block, the last output and one gradient
+    per_batch = 24 * model.config.hidden_size * 4 * (len(blocks) + 2)
+    trips = []
+
+    @contextlib.contextmanager
+    def counting(module):
+        trips.append(module)
+        with onloaded(module, torch.device("cpu")):
+            yield
+
+    modules = {n: m for n, m in model.named_modules() if n.endswith("proj")}
+    for budget, groups in [(0, 6), (2 * per_batch, 3), (2 * per_batch - 1, 6), (10**9, 1)]:
+        trips.clear()
+        run_gradient_pass_by_blocks(
+            model, loader, FisherCollector(modules), blocks, onload=counting, group_bytes=budget
+        )
+        assert sum(m in blocks for m in trips) == 2 * len(blocks) * groups, budget
+
+
+def test_the_group_budget_is_a_quarter_of_the_model_within_free_ram(monkeypatch, deep_llama_dir):
+    assert group_budget(model_bytes=4000, available_bytes=10**9) == 1000
+    assert group_budget(model_bytes=10**9, available_bytes=4000) == 1000
+    model = AutoModelForCausalLM.from_pretrained(deep_llama_dir, dtype=torch.float32)
+    model_bytes = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    monkeypatch.setattr(gradient_pass.psutil, "virtual_memory", lambda: SimpleNamespace(available=10**12))
+    assert gradient_pass._group_bytes(model, torch.device("cuda")) == model_bytes // 4
+    assert gradient_pass._group_bytes(model, torch.device("cpu")) == 0  # no trips to save
 
 
 def test_one_block_is_onloaded_at_a_time(deep_llama_dir, loader):

@@ -53,6 +53,7 @@ __all__ = [
     "blocks_bypassed",
     "evaluation_mode",
     "first_block_call",
+    "group_budget",
     "run_blockwise_gradient_pass",
 ]
 
@@ -196,6 +197,22 @@ class _Batch:
     boundaries: list[torch.Tensor] = field(default_factory=list)  # input of block i
     output_rest: tuple | None = None  # a tuple output's items after the hidden state
     gradient: torch.Tensor | None = None  # d loss / d the current boundary
+
+
+def group_budget(model_bytes: int, available_bytes: int) -> int:
+    """CPU bytes of block-boundary activations one group of batches may hold
+    when blocks travel to an accelerator (``group_bytes`` below).
+
+    A quarter of the model's own bytes, so the pass adds about a quarter of the
+    model to the host's peak RSS, and at most a quarter of the free RAM. A
+    larger group saves block trips (each block travels twice per group), which
+    cost little next to the blocks' compute; a group sized by free RAM alone
+    doubled the peak RSS on a 128 GB machine (2026-12-04, H200).
+
+    :param model_bytes: bytes of the model's parameters and buffers
+    :param available_bytes: the machine's free RAM in bytes
+    """
+    return min(model_bytes, available_bytes) // 4
 
 
 def run_blockwise_gradient_pass(
