@@ -200,14 +200,12 @@ class _Batch:
 
 
 def group_budget(model_bytes: int, available_bytes: int) -> int:
-    """CPU bytes of block-boundary activations one group of batches may hold
-    when blocks travel to an accelerator (``group_bytes`` below).
-
-    A quarter of the model's own bytes, so the pass adds about a quarter of the
-    model to the host's peak RSS, and at most a quarter of the free RAM. A
-    larger group saves block trips (each block travels twice per group), which
-    cost little next to the blocks' compute; a group sized by free RAM alone
-    doubled the peak RSS on a 128 GB machine (2026-12-04, H200).
+    """A candidate for the CPU bytes of block-boundary activations one group of
+    batches may hold when blocks travel to an accelerator (``group_bytes``
+    below): a quarter of the model's own bytes, and at most a quarter of the
+    free RAM. ``benchmarks.gradient_pass_memory --groups`` measures it against
+    the modifiers' default, a quarter of the free RAM alone, which doubled the
+    peak RSS on a 128 GB machine (2026-12-04, H200).
 
     :param model_bytes: bytes of the model's parameters and buffers
     :param available_bytes: the machine's free RAM in bytes
