@@ -25,8 +25,8 @@ to the accelerator, on a wider model whose boundary activations (16 samples)
 are about 0.85x its weights, as on the Llama-3.2-1B shape of
 ``benchmarks.gpu_timing``. The blockwise pass runs with three group budgets:
 one batch per group, the default (``group_budget``: a quarter of the model,
-within a quarter of the free RAM) and a quarter of the free RAM (the rule
-before 2026-12-04). The execution device is the CPU, so the blocks' trips
+within a quarter of the free RAM) and a quarter of the free RAM (the
+default before 2026-12-04). The execution device is the CPU, so the blocks' trips
 are counted (``block_trips``) rather than timed. Results go to
 ``benchmarks/results/<date>-gradient-pass-groups.json``.
 """
@@ -229,6 +229,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", action="store_true",
                         help="measure the group budgets of the blockwise pass instead of depth")
+    parser.add_argument("--output", type=pathlib.Path,
+                        help="results file of --groups (default benchmarks/results/<date>-gradient-pass-groups.json)")
     parser.add_argument("--one", nargs=2, metavar=("MODEL_DIR", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -237,7 +239,9 @@ def main() -> None:
         return
     if args.groups:
         result = _groups_result()
-        path = ROOT / "benchmarks" / "results" / f"{result['date']}-gradient-pass-groups.json"
+        if args.output:
+            result["command"] += f" --output {args.output}"
+        path = args.output or ROOT / "benchmarks" / "results" / f"{result['date']}-gradient-pass-groups.json"
         write_atomically(path, result)
         print(f"wrote {path}")
         return

@@ -113,15 +113,33 @@ def test_a_group_budget_sets_the_block_trips(deep_llama_dir, loader):
         assert sum(m in blocks for m in trips) == 2 * len(blocks) * groups, budget
 
 
+def test_a_group_of_batches_trims_the_heap_after_each_block(monkeypatch, deep_llama_dir, loader):
+    """Within a group, the freed temporaries of each block go back to the OS;
+    one batch per group trims once per batch, as before groups existed."""
+    from moonshot_plugins.core import blockwise_pass
+
+    model = AutoModelForCausalLM.from_pretrained(deep_llama_dir, dtype=torch.float32)
+    blocks = list(model.model.layers)
+    modules = {n: m for n, m in model.named_modules() if n.endswith("proj")}
+    trims = []
+    monkeypatch.setattr(blockwise_pass, "release_freed_memory", lambda: trims.append(1))
+    run_gradient_pass_by_blocks(model, loader, FisherCollector(modules), blocks, group_bytes=10**9)
+    assert len(trims) == 2 * len(blocks) + 1  # forward and backward of each block, then the group
+    trims.clear()
+    run_gradient_pass_by_blocks(model, loader, FisherCollector(modules), blocks, group_bytes=0)
+    assert len(trims) == 6  # one per batch
+
+
 def test_the_group_budget_is_a_quarter_of_the_model_within_free_ram():
     assert group_budget(model_bytes=4000, available_bytes=10**9) == 1000
     assert group_budget(model_bytes=10**9, available_bytes=4000) == 1000
 
 
-def test_groups_fill_a_quarter_of_free_ram_when_blocks_travel(monkeypatch, deep_llama_dir):
+def test_groups_fill_a_quarter_of_the_model_when_blocks_travel(monkeypatch, deep_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(deep_llama_dir, dtype=torch.float32)
+    model_bytes = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
     monkeypatch.setattr(gradient_pass.psutil, "virtual_memory", lambda: SimpleNamespace(available=10**12))
-    assert gradient_pass._group_bytes(model, torch.device("cuda")) == 10**12 // 4
+    assert gradient_pass._group_bytes(model, torch.device("cuda")) == model_bytes // 4
     assert gradient_pass._group_bytes(model, torch.device("cpu")) == 0  # no trips to save
 
 

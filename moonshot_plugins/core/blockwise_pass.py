@@ -200,12 +200,14 @@ class _Batch:
 
 
 def group_budget(model_bytes: int, available_bytes: int) -> int:
-    """A candidate for the CPU bytes of block-boundary activations one group of
-    batches may hold when blocks travel to an accelerator (``group_bytes``
-    below): a quarter of the model's own bytes, and at most a quarter of the
-    free RAM. ``benchmarks.gradient_pass_memory --groups`` measures it against
-    the modifiers' default, a quarter of the free RAM alone, which doubled the
-    peak RSS on a 128 GB machine (2026-12-04, H200).
+    """CPU bytes of block-boundary activations one group of batches may hold
+    when blocks travel to an accelerator (``group_bytes`` below).
+
+    A quarter of the model's own bytes, so the pass adds about a quarter of the
+    model to the host's peak RSS, and at most a quarter of the free RAM. A
+    larger group saves block trips (each block travels twice per group), which
+    cost little next to the blocks' compute; a group sized by free RAM alone
+    doubled the peak RSS on a 128 GB machine (2026-12-04, H200).
 
     :param model_bytes: bytes of the model's parameters and buffers
     :param available_bytes: the machine's free RAM in bytes
@@ -327,6 +329,7 @@ def _forward(group: list[_Batch], blocks: Sequence[nn.Module], onload: Onload, d
                 item.boundaries.append(block_hidden(output).to(HOST))
                 if not isinstance(output, torch.Tensor):
                     item.output_rest = _send(tuple(output[1:]), HOST, {})
+        _trim_within(group)
 
 
 def _tail(
@@ -378,3 +381,13 @@ def _backward(
                 if output.requires_grad:  # else no hooked layer and no input grad
                     torch.autograd.backward(output, item.gradient.to(device))
                 item.gradient = hidden.grad.to(HOST) if index > lowest else None
+        _trim_within(group)
+
+
+def _trim_within(group: list[_Batch]) -> None:
+    """Hand the block's freed temporaries back to the OS when the group holds
+    several batches: the pass trims after each group anyway, but within a
+    large group the heap otherwise ratchets block after block (each grouped
+    sample cost about 4x its boundary bytes in RSS without this, 2026-12-04)."""
+    if len(group) > 1:
+        release_freed_memory()

@@ -30,6 +30,7 @@ from moonshot_plugins.core.blockwise_pass import (
     blocks_bypassed,
     evaluation_mode,
     first_block_call,
+    group_budget,
     run_blockwise_gradient_pass,
 )
 from moonshot_plugins.llmcompressor.causal_lm import CausalLMLosses
@@ -179,8 +180,8 @@ def run_gradient_pass_by_blocks(
         default :func:`onloaded` (a wrapper can count what it onloads)
     :param group_bytes: CPU bytes of boundary activations a group of batches
         may hold (see ``run_blockwise_gradient_pass``); default: when blocks
-        travel to the execution device, a quarter of the free RAM, else 0
-        (one batch per group)
+        travel to the execution device, :func:`group_budget` of the model's
+        bytes and the free RAM, else 0 (one batch per group)
     :return: the number of samples used
     """
     if not blocks:
@@ -288,13 +289,15 @@ def _move(store: dict, name: str, device: torch.device) -> None:
 
 
 def _group_bytes(model: torch.nn.Module, device: torch.device) -> int:
-    """CPU bytes of boundary activations per group of batches: a quarter of the
-    free RAM when blocks travel to ``device`` (fewer trips), else 0 (one batch)."""
+    """CPU bytes of boundary activations per group of batches: the
+    :func:`group_budget` of the model's bytes and the free RAM when blocks
+    travel to ``device``, else 0 (one batch)."""
     with disable_onloading():  # where the tensors live, without onloading them
         home = next(model.parameters()).device
-    if home == device:
-        return 0
-    return psutil.virtual_memory().available // 4
+        if home == device:
+            return 0
+        model_bytes = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    return group_budget(model_bytes, psutil.virtual_memory().available)
 
 
 def _layer_statistics(
