@@ -329,7 +329,7 @@ def _forward(group: list[_Batch], blocks: Sequence[nn.Module], onload: Onload, d
                 item.boundaries.append(block_hidden(output).to(HOST))
                 if not isinstance(output, torch.Tensor):
                     item.output_rest = _send(tuple(output[1:]), HOST, {})
-        release_freed_memory()  # the block's temporaries, before the next block's
+        _trim_within(group)
 
 
 def _tail(
@@ -381,4 +381,15 @@ def _backward(
                 if output.requires_grad:  # else no hooked layer and no input grad
                     torch.autograd.backward(output, item.gradient.to(device))
                 item.gradient = hidden.grad.to(HOST) if index > lowest else None
-        release_freed_memory()  # the block's temporaries, before the next block's
+        _trim_within(group)
+
+
+def _trim_within(group: list[_Batch]) -> None:
+    """Hand the block's freed temporaries back to the OS when the group holds
+    several batches: the pass trims after each group anyway, but within a
+    large group the heap otherwise ratchets block after block (each grouped
+    sample cost about 4x its boundary bytes in RSS without this). With one
+    batch per group the per-block trim saved RSS too but cost 1.08x the
+    pass's time, over its 1.05x allowance (2026-12-04, docs/experiments.md)."""
+    if len(group) > 1:
+        release_freed_memory()
