@@ -203,11 +203,13 @@ def group_budget(model_bytes: int, available_bytes: int) -> int:
     """CPU bytes of block-boundary activations one group of batches may hold
     when blocks travel to an accelerator (``group_bytes`` below).
 
-    A quarter of the model's own bytes, so the pass adds about a quarter of the
-    model to the host's peak RSS, and at most a quarter of the free RAM. A
-    larger group saves block trips (each block travels twice per group), which
-    cost little next to the blocks' compute; a group sized by free RAM alone
-    doubled the peak RSS on a 128 GB machine (2026-12-04, H200).
+    A quarter of the model's own bytes, and at most a quarter of the free RAM,
+    so the boundary activations held add at most about a quarter of the
+    model's size to the host's peak RSS (the heap freed within a group is
+    trimmed per block, see ``_trim_within``). A larger group saves block trips
+    (each block travels twice per group), which cost little next to the
+    blocks' compute; a group sized by free RAM alone doubled the peak RSS on
+    a 128 GB machine (2026-12-04, H200).
 
     :param model_bytes: bytes of the model's parameters and buffers
     :param available_bytes: the machine's free RAM in bytes
