@@ -84,13 +84,32 @@ def _rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def _proj_collector(model: Any) -> Any:
+    """A token-mode Fisher collector on every ``*proj`` layer of ``model``."""
+    from moonshot_plugins.core import FisherCollector
+
+    return FisherCollector(
+        {n: m for n, m in model.named_modules() if n.endswith("proj")}, matrix=False, token_weights=True
+    )
+
+
+def _start_peak_window() -> int:
+    """Free what the allocator holds, reset the RSS high-water mark; the RSS now (bytes)."""
+    from moonshot_plugins.core import release_freed_memory
+
+    release_freed_memory()
+    rss_before = _rss_bytes()
+    pathlib.Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+    return rss_before
+
+
 def measure(model_dir: pathlib.Path, mode: str) -> dict[str, Any]:
     """One pass in this process; its memory figures."""
     import torch
     from compressed_tensors.offload import disable_onloading, load_offloaded_model
     from transformers import AutoModelForCausalLM
 
-    from moonshot_plugins.core import FisherCollector, release_freed_memory, run_gradient_pass
+    from moonshot_plugins.core import run_gradient_pass
     from moonshot_plugins.lm import calibration_loader
     from moonshot_plugins.llmcompressor.causal_lm import CausalLMLosses
     from moonshot_plugins.llmcompressor.gradient_pass import onloaded, run_gradient_pass_by_blocks
@@ -112,10 +131,7 @@ def measure(model_dir: pathlib.Path, mode: str) -> dict[str, Any]:
     loader = calibration_loader(torch.randint(0, CONFIG["vocab_size"], (SAMPLES * SEQ_LEN,)),
                                 num_samples=SAMPLES, seq_len=SEQ_LEN)
     layers = list(model.model.layers)
-    collector = FisherCollector(
-        {n: m for n, m in model.named_modules() if n.endswith("proj")},
-        matrix=False, token_weights=True,
-    )
+    collector = _proj_collector(model)
     held, peak = [0], [0]
 
     @contextlib.contextmanager
@@ -126,9 +142,7 @@ def measure(model_dir: pathlib.Path, mode: str) -> dict[str, Any]:
             yield
         held[0] -= sizes[id(module)]
 
-    release_freed_memory()
-    rss_before = _rss_bytes()
-    pathlib.Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+    rss_before = _start_peak_window()
     start = time.perf_counter()
     if mode == "whole-model":
         run_gradient_pass(model, loader, collector, CausalLMLosses(), checkpoint_modules=layers)
@@ -154,7 +168,6 @@ def measure_groups(model_dir: pathlib.Path, budget: str) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moonshot_plugins.core import FisherCollector, release_freed_memory
     from moonshot_plugins.core.blockwise_pass import group_budget
     from moonshot_plugins.lm import calibration_loader
     from moonshot_plugins.llmcompressor.gradient_pass import onloaded, run_gradient_pass_by_blocks
@@ -168,9 +181,7 @@ def measure_groups(model_dir: pathlib.Path, budget: str) -> dict[str, Any]:
     tokens = torch.randint(0, model.config.vocab_size, (GROUP_SAMPLES * GROUP_SEQ_LEN,))
     loader = calibration_loader(tokens, num_samples=GROUP_SAMPLES, seq_len=GROUP_SEQ_LEN)
     layers = list(model.model.layers)
-    collector = FisherCollector(
-        {n: m for n, m in model.named_modules() if n.endswith("proj")}, matrix=False, token_weights=True
-    )
+    collector = _proj_collector(model)
     trips = [0]
 
     @contextlib.contextmanager
@@ -179,9 +190,7 @@ def measure_groups(model_dir: pathlib.Path, budget: str) -> dict[str, Any]:
         with onloaded(module, torch.device("cpu")):
             yield
 
-    release_freed_memory()
-    rss_before = _rss_bytes()
-    pathlib.Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+    rss_before = _start_peak_window()
     start = time.perf_counter()
     run_gradient_pass_by_blocks(model, loader, collector, layers, onload=counting, group_bytes=group_bytes)
     return {
