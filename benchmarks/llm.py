@@ -118,7 +118,7 @@ def _solver_plan(sparsities: tuple[str, ...], hosts: tuple[str, ...], updates: t
         *(_update_run(sp, host, update, lam, resolve_max_iters, {**damping, **update_options})
           for update in updates
           if update == "host" or update in HOST_WEIGHT_UPDATES[host]
-          for lam in _update_lams(sp, host, update, update_lams, damping)))]
+          for lam in _update_lams(sp, host, update, update_lams, {**damping, **update_options})))]
 
 
 def _heldout_plan(sparsities: tuple[str, ...], hosts: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -175,15 +175,16 @@ def _sweep_plan(plan: str, sparsities: tuple[str, ...], hosts: tuple[str, ...]) 
 
 
 def _update_lams(sparsity: str, host: str, update: str, update_lams: tuple[float | str, ...] | None,
-                 damping: dict[str, float]) -> tuple[float | str, ...]:
+                 options: dict[str, Any]) -> tuple[float | str, ...]:
     """The lams a solver-plan update runs at: ``update_lams``, else 0 and the
     host's default. The host's own update skips lam 0 (the host run) and,
-    undamped, its default lam (the default run), which the plan holds already."""
+    without modifier fields ``options`` (damping, ``fisher_samples``, ...), its
+    default lam (the default run), which the plan holds already."""
     default = default_settings(host, sparsity)[0]
     lams = update_lams or (0.0, default)
     if update != "host":
         return lams
-    return tuple(lam for lam in lams if lam != 0.0 and (damping or lam != default))
+    return tuple(lam for lam in lams if lam != 0.0 and (options or lam != default))
 
 
 def _update_run(sparsity: str, host: str, update: str, lam: float | str, resolve_max_iters: int | None,

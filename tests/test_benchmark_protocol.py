@@ -105,6 +105,11 @@ def test_solver_plan_gives_update_options_to_its_weight_updates_only(capsys):
         {"dampening_frac": None, "admm_rho": None, "fisher_samples": None},  # the default
         {"dampening_frac": 0.1, "admm_rho": None, "fisher_samples": None},  # SparseGPT, damped
         {"dampening_frac": 0.1, "admm_rho": 0.3, "fisher_samples": 16}]
+    # the default's own update with fewer gradient samples is a run of its own
+    half = make_plan("solver", ("2:4",), ("sparsegpt",), ("host",), update_lams=("auto",),
+                     update_options={"fisher_samples": 16})
+    assert [(r["lam"], r.get("options", {})) for r in half] == [
+        (None, {}), ("auto", {}), ("auto", {"fisher_samples": 16})]
     for argv in (["--plan", "defaults", "--fisher-samples", "16"],
                  ["--plan", "solver", "--admm-rho", "0.3"],  # resolve runs have no ADMM
                  ["--plan", "solver", "--weight-update", "resolve", "--weight-update", "admm", "--admm-rho", "0.3"]):
