@@ -14,8 +14,10 @@ each pruned in its own process, it samples ``/proc/self/status`` every 0.2 s:
   the code of the libraries. They are clean: the kernel can drop them under
   memory pressure and read them back.
 
-It marks MOONSHOT's gradient pass and records, at the pass's end and the
-run's end, the resident MiB of the weights file's mapping. Results: JSON with
+It marks MOONSHOT's gradient pass and records the MiB of the per-layer
+statistics the pass hands to the host (``statistics_mib``: the Fisher, the
+token weights, ...), held until each layer is pruned, and, at the pass's
+end and the run's end, the resident MiB of the weights file's mapping. Results: JSON with
 every sample; ``--plot`` draws both timelines. Times stretch when anything
 else runs; the memory does not.
 """
@@ -94,6 +96,7 @@ def measure(run: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     import moonshot_plugins.llmcompressor.gradient_pass as gradient_pass
+    import moonshot_plugins.llmcompressor.mixin as mixin
     from benchmarks.llm import PROTOCOL_SETTINGS
     from benchmarks.llm_run import prune, run_data
 
@@ -109,7 +112,14 @@ def measure(run: dict[str, Any]) -> dict[str, Any]:
         marks.update(pass_end_s=sampler.now(), weights_file_mib_at_pass_end=mapping_mib("model.safetensors"))
         return used
 
+    def measured_statistics(*args: Any, **kwargs: Any) -> tuple[dict, int]:
+        statistics, used = collect(*args, **kwargs)
+        marks["statistics_mib"] = round(sum(_tensor_bytes(vars(r)) for r in statistics.values()) / 2**20, 1)
+        return statistics, used
+
+    collect = mixin.collect_layer_statistics
     gradient_pass.run_gradient_pass_by_blocks = marked_pass  # this child process only
+    mixin.collect_layer_statistics = measured_statistics
     with _Sampler() as sampler:
         prune(model, run, loader)
     marks["weights_file_mib_at_end"] = mapping_mib("model.safetensors")
@@ -117,6 +127,19 @@ def measure(run: dict[str, Any]) -> dict[str, Any]:
     return {**run, **marks, "peak_rss_mib": peak[1] + peak[2], "at_peak": {"s": peak[0], "anon_mib": peak[1],
             "file_mib": peak[2]}, "peak_anonymous_mib": max(s[1] for s in sampler.samples),
             "samples": sampler.samples}
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (a tensor, or a dict, list or tuple of them)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:

@@ -31,3 +31,13 @@ def test_plot_draws_one_panel_per_run(tmp_path):
            "samples": [(0.0, 10, 5), (0.2, 20, 10)]}
     plot([row, {**row, "method": "moonshot", "pass_start_s": 0.0, "pass_end_s": 0.2}], tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_tensor_bytes_counts_tensors_inside_records():
+    import torch
+
+    from benchmarks.memory_timeline import _tensor_bytes
+
+    record = {"fisher": torch.zeros(4, 8), "token_weights": [torch.zeros(3), torch.zeros(5)],
+              "token_energies": (1.0, 2.0), "row_factors": None}
+    assert _tensor_bytes(record) == 4 * (32 + 3 + 5)
