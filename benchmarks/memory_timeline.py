@@ -104,7 +104,7 @@ def measure(run: dict[str, Any]) -> dict[str, Any]:
     model_dir, loader, _ = run_data(PROTOCOL_SETTINGS, run)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     marks: dict[str, Any] = {}
-    pass_blocks = gradient_pass.run_gradient_pass_by_blocks
+    pass_blocks, collect = gradient_pass.run_gradient_pass_by_blocks, mixin.collect_layer_statistics
 
     def marked_pass(*args: Any, **kwargs: Any) -> int:
         marks["pass_start_s"] = sampler.now()
@@ -117,7 +117,6 @@ def measure(run: dict[str, Any]) -> dict[str, Any]:
         marks["statistics_mib"] = round(sum(_tensor_bytes(vars(r)) for r in statistics.values()) / 2**20, 1)
         return statistics, used
 
-    collect = mixin.collect_layer_statistics
     gradient_pass.run_gradient_pass_by_blocks = marked_pass  # this child process only
     mixin.collect_layer_statistics = measured_statistics
     with _Sampler() as sampler:
