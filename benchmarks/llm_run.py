@@ -62,39 +62,58 @@ def _magnitude(model, structure: dict[str, Any]) -> None:
                 module.weight[mask] = 0.0
 
 
-class _PeakAnonymousMemory:
-    """Peak anonymous resident memory (RssAnon, Linux) while the block runs,
-    sampled every 0.2 s. Peak RSS also counts file-backed pages: SmolLM2's
-    weights are memory-mapped from model.safetensors, and a pass that touches
-    them all adds the file's size to RSS without allocating anything."""
+def resident_mib() -> dict[str, float]:
+    """This process's RssAnon and RssFile in MiB (Linux; NaN elsewhere)."""
+    fields = {"RssAnon": float("nan"), "RssFile": float("nan")}
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in fields:
+                fields[key] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return fields
 
-    def __enter__(self) -> "_PeakAnonymousMemory":
+
+class ResidentMemorySampler:
+    """(seconds, RssAnon MiB, RssFile MiB) every ``interval_s`` while the block
+    runs. Peak RSS alone also counts file-backed pages: SmolLM2's weights are
+    memory-mapped from model.safetensors, and a pass that touches them all
+    adds the file's size to RSS without allocating anything; the anonymous
+    peak is what the run allocated."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s = interval_s
+
+    def __enter__(self) -> "ResidentMemorySampler":
         import threading
 
-        self.peak_mb = self._now()
-        self._stop = threading.Event()
+        self.start, self.samples, self._stop = time.perf_counter(), [], threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
         return self
 
-    def _poll(self) -> None:
-        while not self._stop.wait(0.2):
-            self.peak_mb = max(self.peak_mb, self._now())
+    def now(self) -> float:
+        """Seconds since the block started, to 0.1 s."""
+        return round(time.perf_counter() - self.start, 1)
 
-    @staticmethod
-    def _now() -> float:
-        try:
-            for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return float("nan")
+    def _sample(self) -> None:
+        mib = resident_mib()
+        self.samples.append((self.now(), mib["RssAnon"], mib["RssFile"]))
+
+    def _poll(self) -> None:
+        self._sample()
+        while not self._stop.wait(self.interval_s):
+            self._sample()
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_mb = max(self.peak_mb, self._now())
+        self._sample()
+
+    @property
+    def peak_anonymous_mib(self) -> float:
+        return max(anon for _, anon, _ in self.samples)
 
 
 def recipe_of(run: dict[str, Any]) -> list[Any] | None:
@@ -141,7 +160,7 @@ def run_one(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    with _PeakAnonymousMemory() as anonymous:
+    with ResidentMemorySampler() as memory:
         model = prune(model, run, loader)
     seconds = time.perf_counter() - start
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -149,7 +168,7 @@ def run_one(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
         **run,
         "prune_seconds": seconds,
         "peak_rss_mb": peak_rss_mb,
-        "peak_anonymous_mb": anonymous.peak_mb,
+        "peak_anonymous_mb": memory.peak_anonymous_mib,
         "rss_before_prune_mb": rss_before / 1024,
     }
     for name, ids in evals.items():

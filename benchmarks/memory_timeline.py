@@ -30,24 +30,12 @@ import json
 import pathlib
 import subprocess
 import sys
-import threading
-import time
 from typing import Any
 
 from benchmarks.provenance import code_version, machine_description, write_atomically
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 INTERVAL_S = 0.2
-
-
-def resident_mib() -> dict[str, int]:
-    """This process's RssAnon and RssFile (MiB, Linux)."""
-    fields = {}
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        key = line.split(":")[0]
-        if key in ("RssAnon", "RssFile"):
-            fields[key] = int(line.split()[1]) // 1024
-    return fields
 
 
 def mapping_mib(suffix: str) -> int:
@@ -63,33 +51,6 @@ def mapping_mib(suffix: str) -> int:
     return total
 
 
-class _Sampler:
-    """(seconds, RssAnon, RssFile) every ``INTERVAL_S`` while inside."""
-
-    def __enter__(self) -> "_Sampler":
-        self.start, self.samples, self._stop = time.perf_counter(), [], threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def now(self) -> float:
-        return round(time.perf_counter() - self.start, 1)
-
-    def _sample(self) -> None:
-        mib = resident_mib()
-        self.samples.append((self.now(), mib["RssAnon"], mib["RssFile"]))
-
-    def _poll(self) -> None:
-        self._sample()
-        while not self._stop.wait(INTERVAL_S):
-            self._sample()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-
 def measure(run: dict[str, Any]) -> dict[str, Any]:
     """Prune as ``run`` says (a run of ``benchmarks.llm``) and sample its memory."""
     import torch
@@ -98,7 +59,7 @@ def measure(run: dict[str, Any]) -> dict[str, Any]:
     import moonshot_plugins.llmcompressor.gradient_pass as gradient_pass
     import moonshot_plugins.llmcompressor.mixin as mixin
     from benchmarks.llm import PROTOCOL_SETTINGS
-    from benchmarks.llm_run import prune, run_data
+    from benchmarks.llm_run import ResidentMemorySampler, prune, run_data
 
     torch.manual_seed(0)
     model_dir, loader, _ = run_data(PROTOCOL_SETTINGS, run)
@@ -119,12 +80,12 @@ def measure(run: dict[str, Any]) -> dict[str, Any]:
 
     gradient_pass.run_gradient_pass_by_blocks = marked_pass  # this child process only
     mixin.collect_layer_statistics = measured_statistics
-    with _Sampler() as sampler:
+    with ResidentMemorySampler(INTERVAL_S) as sampler:
         prune(model, run, loader)
     marks["weights_file_mib_at_end"] = mapping_mib("model.safetensors")
     peak = max(sampler.samples, key=lambda s: s[1] + s[2])
     return {**run, **marks, "peak_rss_mib": peak[1] + peak[2], "at_peak": {"s": peak[0], "anon_mib": peak[1],
-            "file_mib": peak[2]}, "peak_anonymous_mib": max(s[1] for s in sampler.samples),
+            "file_mib": peak[2]}, "peak_anonymous_mib": sampler.peak_anonymous_mib,
             "samples": sampler.samples}
 
 

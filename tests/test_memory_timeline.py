@@ -9,7 +9,8 @@ pytestmark = pytest.mark.skipif(not pathlib.Path("/proc/self/smaps").exists(), r
 
 
 def test_mapping_mib_counts_the_touched_pages_of_a_mapped_file(tmp_path):
-    from benchmarks.memory_timeline import mapping_mib, resident_mib
+    from benchmarks.llm_run import resident_mib
+    from benchmarks.memory_timeline import mapping_mib
 
     path = tmp_path / "weights.bin"
     path.write_bytes(b"\1" * (8 << 20))
@@ -41,3 +42,20 @@ def test_tensor_bytes_counts_tensors_inside_records():
     record = {"fisher": torch.zeros(4, 8), "token_weights": [torch.zeros(3), torch.zeros(5)],
               "token_energies": (1.0, 2.0), "row_factors": None}
     assert _tensor_bytes(record) == 4 * (32 + 3 + 5)
+
+
+def test_the_sampler_reads_memory_while_its_block_runs():
+    import time
+
+    from benchmarks.llm_run import ResidentMemorySampler, resident_mib
+
+    before = resident_mib()["RssAnon"]
+    with ResidentMemorySampler(interval_s=0.01) as sampler:
+        block = bytearray(64 << 20)  # 64 MiB, written: anonymous
+        block[:: 4096] = b"\1" * len(block[:: 4096])
+        time.sleep(0.1)
+    assert len(sampler.samples) >= 3
+    assert [s[0] for s in sampler.samples] == sorted(s[0] for s in sampler.samples)
+    assert sampler.peak_anonymous_mib >= before + 60
+    assert all(s[2] > 0 for s in sampler.samples)  # the interpreter's own code is file-backed
+    del block
