@@ -274,6 +274,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fisher-rows", choices=("shared", "per_row"), default=None,
                         help="the solver plan's weight updates in sample mode with this fisher_rows "
                         "(SparseGPT only; shared is per_row's control on the same per-sample Fisher)")
+    parser.add_argument("--fisher-dtype", choices=("float32", "bfloat16"), default=None,
+                        help="the solver plan's weight updates with the diagonal Fisher held in this dtype "
+                        "(Wanda only)")
     parser.add_argument("--calib-samples", type=int, default=PROTOCOL_SETTINGS["calib_samples"])
     parser.add_argument("--seq-len", type=int, default=PROTOCOL_SETTINGS["seq_len"])
     parser.add_argument("--eval-tokens", type=int, default=PROTOCOL_SETTINGS["eval_tokens"], help="tokens of each evaluation text")
@@ -297,7 +300,7 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                      f"--plan {args.plan} --resolve-max-iters {args.resolve_max_iters}")
     for flag, value in (("--taylor-weight", args.taylor_weight), ("--dampening-frac", args.dampening_frac),
                         ("--admm-rho", args.admm_rho), ("--fisher-samples", args.fisher_samples),
-                        ("--fisher-rows", args.fisher_rows)):
+                        ("--fisher-rows", args.fisher_rows), ("--fisher-dtype", args.fisher_dtype)):
         if value is not None and args.plan != "solver":
             parser.error(f"{flag} needs --plan solver, got --plan {args.plan}")
     if args.admm_rho is not None and args.weight_update != ["admm"]:
@@ -305,6 +308,8 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if args.fisher_rows is not None and (args.host != ["sparsegpt"] or "host" in (args.weight_update or ())):
         parser.error(f"--fisher-rows needs --host sparsegpt alone and weight updates other than host, got "
                      f"--host {args.host} --weight-update {args.weight_update}")
+    if args.fisher_dtype is not None and args.host != ["wanda"]:
+        parser.error(f"--fisher-dtype needs --host wanda alone, got --host {args.host}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                       tuple(args.weight_update or WEIGHT_UPDATES), args.resolve_max_iters,
                       tuple(args.taylor_weight) if args.taylor_weight else None, args.dampening_frac,
                       {k: v for k, v in (("admm_rho", args.admm_rho), ("fisher_samples", args.fisher_samples),
-                                         ("fisher_rows", args.fisher_rows)) if v is not None}),
+                                         ("fisher_rows", args.fisher_rows), ("fisher_dtype", args.fisher_dtype))
+                       if v is not None}),
             tuple(args.calib_source or CALIBRATION_SOURCES), args.draws)
         plan = [r for r in full_plan if run_key(r, settings) not in done]
         if doc["settings"] != settings and doc["runs"]:

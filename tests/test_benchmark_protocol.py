@@ -135,6 +135,19 @@ def test_solver_plan_fisher_rows_runs_its_updates_in_sample_mode_with_their_cap(
     # --fisher-rows at auto: the modifier refuses it (test_a_run_no_modifier_accepts_stops_the_plan_before_any_run)
 
 
+def test_solver_plan_fisher_dtype_runs_wandas_default_with_a_bf16_diagonal(capsys):
+    from benchmarks.llm import make_plan
+
+    plan = make_plan("solver", ("2:4",), ("wanda",), ("host",), update_lams=(0.5,),
+                     update_options={"fisher_dtype": "bfloat16"})
+    assert [(r["method"], r["lam"], r.get("options", {})) for r in plan] == [
+        ("host", None, {}), ("moonshot", 0.5, {}), ("moonshot", 0.5, {"fisher_dtype": "bfloat16"})]
+    for argv in (["--plan", "defaults", "--fisher-dtype", "bfloat16"],
+                 ["--plan", "solver", "--fisher-dtype", "bfloat16"],  # SparseGPT has no fisher_dtype
+                 ["--plan", "solver", "--host", "sparsegpt", "--fisher-dtype", "bfloat16"]):
+        _refused_by_flag_check(argv, capsys)
+
+
 def test_solver_plan_caps_only_its_weight_updates_and_records_caps_other_than_100(capsys):
     from benchmarks.llm import make_plan
 

@@ -297,3 +297,23 @@ def test_chunked_losses_equal_full_logits_losses_and_gradients(padded):
     (grad_chunked,) = torch.autograd.grad(chunked.sum(), hidden)
     torch.testing.assert_close(chunked, full)
     torch.testing.assert_close(grad_chunked, grad_full)
+
+
+
+@pytest.mark.parametrize("mode", ["token", "sample"])
+def test_a_bf16_diagonal_is_the_fp32_one_rounded_once_per_batch(mode):
+    """Two batches: each update is computed in fp32 and rounded into the bf16
+    sum, so the result is within three bf16 roundings of the fp32 diagonal."""
+    model, data, losses, modules = seq_case()
+    reference = FisherCollector(modules, fisher_mode=mode, matrix=False, diagonal=True)
+    held = FisherCollector(
+        modules, fisher_mode=mode, matrix=False, diagonal=True, diagonal_dtype=torch.bfloat16
+    )
+    for collector in (reference, held):
+        run_gradient_pass(model, [data, data], collector, losses)
+    assert all(total.dtype == torch.bfloat16 for total in held._diag_acc.values())
+    for name in modules:
+        expect, ours = reference.diagonal_fisher(name), held.diagonal_fisher(name)
+        assert expect.dtype == torch.float32 and ours.dtype == torch.bfloat16
+        torch.testing.assert_close(ours.float(), expect, rtol=3 * 2.0**-8, atol=0)
+        assert not torch.equal(ours.float(), expect)  # it was rounded: the test can fail

@@ -72,6 +72,35 @@ def test_fisher_samples_changes_result(tiny_llama_dir, loader):
     assert any(not torch.equal(few[k], all_[k]) for k in linear_weights(few))
 
 
+@pytest.mark.parametrize("weight_update", ["host", "resolve"])
+def test_wanda_bf16_fisher_is_held_in_bf16_and_keeps_the_mask(tiny_llama_dir, loader, monkeypatch, weight_update):
+    """``fisher_dtype: bfloat16`` hands the host bf16 diagonals (half the held
+    bytes) and moves only near-ties of the mask; float32 is the default."""
+    from moonshot_plugins.llmcompressor import mixin
+
+    held = []
+
+    def recording(*args, **kwargs):
+        records, used = collect(*args, **kwargs)
+        held.extend(record.fisher.dtype for record in records.values())
+        return records, used
+
+    collect = mixin.collect_layer_statistics
+    monkeypatch.setattr(mixin, "collect_layer_statistics", recording)
+    fields = dict(COMMON, taylor_weight=0.5, weight_update=weight_update)
+    assert MoonshotWandaModifier(**fields).fisher_dtype == "float32"
+    full = prune(tiny_llama_dir, MoonshotWandaModifier(**fields), loader)
+    assert set(held) == {torch.float32}
+    held.clear()
+    half = prune(tiny_llama_dir, MoonshotWandaModifier(**fields, fisher_dtype="bfloat16"), loader)
+    assert held and set(held) == {torch.bfloat16}
+    kept = torch.cat([(full[k] != 0).flatten() for k in linear_weights(full)])
+    kept_half = torch.cat([(half[k] != 0).flatten() for k in linear_weights(half)])
+    assert (kept == kept_half).float().mean() > 0.99
+    with pytest.raises(ValidationError, match=r"fisher_dtype must be one of \['float32', 'bfloat16'\], got 'float16'"):
+        MoonshotWandaModifier(**fields, fisher_dtype="float16")
+
+
 @pytest.mark.parametrize("cls", [MoonshotSparseGPTModifier, MoonshotWandaModifier])
 @pytest.mark.parametrize(
     "field, value, message",

@@ -69,7 +69,8 @@ class FisherCollector:
     :func:`moonshot_plugins.core.run_gradient_pass`). Each backward through a
     registered layer adds one accumulation of cost O(T * d_in^2) ("token") or
     O(T * d_in * d_out + d_out * d_in^2) ("sample"), done as one matmul per
-    layer per batch. All statistics are fp32; each flag turns one on:
+    layer per batch. All statistics are fp32 (the diagonal's sums may be held in
+    bf16, ``diagonal_dtype``); each flag turns one on:
 
     :param modules: name -> layer (nn.Linear, transformers Conv1D, nn.Conv2d;
         see ``grouped_convs`` and ``norm_layers`` for more)
@@ -110,6 +111,10 @@ class FisherCollector:
         Not for norm layers or grouped convs
     :param row_factor_rank: k, the cap on the factors' columns (a Gaussian
         sketch once more than k samples arrive), or None for the exact factors
+    :param diagonal_dtype: the dtype the diagonal Fisher's running sums are
+        held in: bf16 halves the d_out x d_in per layer that a pass over the
+        whole model holds; each update is still computed in fp32 and rounded
+        once per batch into the sum (default fp32)
     """
 
     def __init__(
@@ -126,6 +131,7 @@ class FisherCollector:
         token_weights: bool = False,
         row_factors: bool = False,
         row_factor_rank: int | None = None,
+        diagonal_dtype: torch.dtype = FISHER_PRECISION,
     ):
         self.fisher_mode = validate_fisher_mode(fisher_mode)
         if token_weights and self.fisher_mode != "token":
@@ -142,6 +148,7 @@ class FisherCollector:
         self.sample_rows = sample_rows
         self.keep_token_weights = token_weights
         self.row_factors = row_factors
+        self.diagonal_dtype = diagonal_dtype
         # the layer inputs themselves are needed in backward (not only their summary)
         self._needs_inputs = matrix or diagonal or row_factors
         self.num_samples: dict[str, int] = {name: 0 for name in self.modules}
@@ -270,10 +277,10 @@ class FisherCollector:
     def _add(self, store: dict[str, torch.Tensor], name: str, update: torch.Tensor):
         if self.offload:
             update = update.cpu()
-        if name in store:
-            store[name] += update
+        if name not in store:
+            store[name] = update.to(self.diagonal_dtype) if store is self._diag_acc else update
         else:
-            store[name] = update
+            store[name] += update  # in fp32, rounded once into a bf16 diagonal
 
     # -- results -------------------------------------------------------------
     def check_finite(self) -> None:
@@ -314,11 +321,12 @@ class FisherCollector:
         return self._matrix_acc[name] / count
 
     def diagonal_fisher(self, name: str) -> torch.Tensor:
-        """Per-weight diagonal empirical Fisher of layer ``name``: (d_out, d_in), fp32."""
+        """Per-weight diagonal empirical Fisher of layer ``name``: (d_out, d_in),
+        in ``diagonal_dtype`` (divided in fp32)."""
         if not self.diagonal:
             raise RuntimeError("collector was built with diagonal=False")
         count = self._num(name)
-        return self._diag_acc[name] / count
+        return (self._diag_acc[name].float() / count).to(self.diagonal_dtype)
 
     def input_moment(self, name: str) -> torch.Tensor:
         """Input second moment (1/N) sum_i X_i^T X_i of layer ``name``, fp32.

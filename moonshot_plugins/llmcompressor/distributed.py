@@ -195,10 +195,11 @@ def reduce_layer_statistics(
     dist.all_reduce(total)
     for record in records:
         if record.fisher is not None:
-            device = record.fisher.device
-            summed = (record.fisher * used).to(_comm_device(record.fisher))
+            device, dtype = record.fisher.device, record.fisher.dtype
+            # summed in fp32 whatever the storage dtype (a bf16 diagonal)
+            summed = (record.fisher.float() * used).to(_comm_device(record.fisher))
             dist.all_reduce(summed)
-            record.fisher = (summed / total.item()).to(device)
+            record.fisher = (summed / total.item()).to(device=device, dtype=dtype)
     tokens = [record for record in records if record.token_weights is not None]
     if tokens:
         _reduce_token_statistics(tokens, taylor_weight)

@@ -51,9 +51,9 @@ class LayerTaylorStatistics:
 
     :param taylor_weight: the layer's lam in [0, 1] (the fixed ``taylor_weight``,
         or the ``auto`` rule's value for this layer)
-    :param fisher: "matrix" statistic: the row-averaged Fisher, (d_in, d_in);
-        "diagonal": the per-weight Fisher, (d_out, d_in); fp32, on the CPU when
-        ``offload_fisher``; None for "token_weights"
+    :param fisher: "matrix" statistic: the row-averaged Fisher, (d_in, d_in),
+        fp32; "diagonal": the per-weight Fisher, (d_out, d_in), in the pass's
+        ``diagonal_dtype``; on the CPU when ``offload_fisher``; None for "token_weights"
     :param token_weights: "token_weights" only: per gradient-pass sample, in
         pass order, the per-position Fisher weights w_t = ||d_t||^2 / d_out, (T_i,)
     :param token_energies: "token_weights" only: (A, B), A = sum ||x_t||^2 and
@@ -99,6 +99,7 @@ def collect_layer_statistics(
     desc: str,
     row_factors: bool = False,
     row_factor_rank: int | None = None,
+    diagonal_dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[torch.nn.Module, LayerTaylorStatistics], int]:
     """Run the gradient pass over ``dataloader``: one record per layer of ``modules``.
 
@@ -113,6 +114,8 @@ def collect_layer_statistics(
         order: the pass holds one of them on the execution device at a time
     :param row_factors: also each layer's per-row Fisher factors, of rank at
         most ``row_factor_rank`` (None: exact) (:class:`~moonshot_plugins.core.FisherCollector`)
+    :param diagonal_dtype: the dtype each layer's diagonal Fisher is kept in
+        from the end of its block's backward until the host prunes it
     :return: the records, keyed by layer; the number of samples the pass used
     """
     collector = FisherCollector(
@@ -125,6 +128,7 @@ def collect_layer_statistics(
         offload=offload_fisher,
         row_factors=row_factors,
         row_factor_rank=row_factor_rank,
+        diagonal_dtype=diagonal_dtype,
     )
     used = run_gradient_pass_by_blocks(
         model,

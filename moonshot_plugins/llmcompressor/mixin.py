@@ -195,9 +195,10 @@ class MoonshotModifierMixin(BaseModel):
         host's own accumulation), "matrix" (d_in x d_in) or "diagonal"."""
         raise NotImplementedError
 
-    def _row_factor_options(self) -> dict[str, Any]:
-        """Keyword options of per-row Fisher factors for the gradient pass
-        (:func:`collect_layer_statistics`); none unless the host's weight update uses them."""
+    def _gradient_pass_options(self) -> dict[str, Any]:
+        """The host's extra keyword options of the gradient pass
+        (:func:`collect_layer_statistics`): per-row Fisher factors, the
+        diagonal's storage dtype; none by default."""
         return {}
 
     def on_initialize(self, state: State, **kwargs) -> bool:
@@ -322,7 +323,7 @@ class MoonshotModifierMixin(BaseModel):
                     block for _, block in match_named_modules(model, self._sequential_targets)
                 ],
                 desc=f"{type(self).__name__} gradient pass",
-                **self._row_factor_options(),
+                **self._gradient_pass_options(),
             )
         reduce_layer_statistics(self._layer_statistics, used, self.taylor_weight)
         self._check_taylor_only_layers_have_fisher()

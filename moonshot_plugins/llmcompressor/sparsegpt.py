@@ -231,7 +231,7 @@ class MoonshotSparseGPTModifier(MoonshotModifierMixin, SparseGPTModifier):
     def _fisher_statistic(self) -> str:
         return "token_weights" if self.fisher_mode == "token" else "matrix"
 
-    def _row_factor_options(self) -> dict[str, object]:
+    def _gradient_pass_options(self) -> dict[str, object]:
         if self.fisher_rows == "shared":
             return {}
         return dict(row_factors=True, row_factor_rank=self.fisher_row_rank)

@@ -40,6 +40,8 @@ from moonshot_plugins.llmcompressor.weight_update import (
 __all__ = ["MoonshotWandaModifier"]
 
 WANDA_WEIGHT_UPDATES = ("host", "resolve")
+# the dtype each layer's diagonal Fisher is held in between the gradient pass and its pruning
+FISHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
@@ -59,6 +61,12 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
     ``resolve_max_iters`` caps the re-solve's PCG iterations per layer
     (default None: 50, each one (d_out, d_in) x (d_in, d_in) product).
 
+    ``fisher_dtype`` (default "float32"): the dtype every layer's diagonal
+    Fisher (d_out x d_in, one number per pruned weight) is held in from the
+    end of its block's backward until Wanda prunes the layer; the whole
+    model's worth is held at once, so "bfloat16" halves that memory (the
+    sums themselves run in fp32).
+
     Sample yaml:
 
     ```yaml
@@ -70,6 +78,7 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
           taylor_weight: 0.5
           weight_update: host       # or resolve
           # resolve_max_iters: 50   # PCG cap of resolve
+          # fisher_dtype: bfloat16  # half the held Fisher's memory
           targets: ["Linear"]
           ignore: ["re:.*lm_head"]
     ```
@@ -81,6 +90,7 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
     weight_update: str = "host"
     dampening_frac: float = 0.01  # of the Gram matrix's mean diagonal, for "resolve"
     resolve_max_iters: int | None = None
+    fisher_dtype: str = "float32"
 
     # per layer, H = (2/n) X^T X while weight_update != "host"
     _grams: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
@@ -99,6 +109,13 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
             )
         return value
 
+    @field_validator("fisher_dtype")
+    @classmethod
+    def _check_fisher_dtype(cls, value: str) -> str:
+        if value not in FISHER_DTYPES:
+            raise ValueError(f"fisher_dtype must be one of {list(FISHER_DTYPES)}, got {value!r}")
+        return value
+
     @field_validator("resolve_max_iters", mode="before")
     @classmethod
     def _check_resolve_max_iters(cls, value: object) -> int | None:
@@ -111,6 +128,9 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
 
     def _fisher_statistic(self) -> str:
         return "diagonal"
+
+    def _gradient_pass_options(self) -> dict[str, object]:
+        return dict(diagonal_dtype=FISHER_DTYPES[self.fisher_dtype])
 
     def calibrate_module(
         self, module: torch.nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor
