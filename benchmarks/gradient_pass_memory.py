@@ -109,7 +109,7 @@ def measure(model_dir: pathlib.Path, mode: str) -> dict[str, Any]:
     from compressed_tensors.offload import disable_onloading, load_offloaded_model
     from transformers import AutoModelForCausalLM
 
-    from moonshot_plugins.core import run_gradient_pass
+    from moonshot_plugins.core import module_bytes, run_gradient_pass
     from moonshot_plugins.lm import calibration_loader
     from moonshot_plugins.llmcompressor.causal_lm import CausalLMLosses
     from moonshot_plugins.llmcompressor.gradient_pass import onloaded, run_gradient_pass_by_blocks
@@ -124,9 +124,7 @@ def measure(model_dir: pathlib.Path, mode: str) -> dict[str, Any]:
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with disable_onloading():  # sizes without onloading anything
-        sizes = {
-            id(m): sum(t.nbytes for t in [*m.parameters(), *m.buffers()]) for m in model.modules()
-        }
+        sizes = {id(m): module_bytes(m) for m in model.modules()}
     torch.manual_seed(0)
     loader = calibration_loader(torch.randint(0, CONFIG["vocab_size"], (SAMPLES * SEQ_LEN,)),
                                 num_samples=SAMPLES, seq_len=SEQ_LEN)
@@ -168,12 +166,13 @@ def measure_groups(model_dir: pathlib.Path, budget: str) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from moonshot_plugins.core import module_bytes
     from moonshot_plugins.core.blockwise_pass import group_budget
     from moonshot_plugins.lm import calibration_loader
     from moonshot_plugins.llmcompressor.gradient_pass import onloaded, run_gradient_pass_by_blocks
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model_bytes = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    model_bytes = module_bytes(model)
     available = psutil.virtual_memory().available
     group_bytes = {"one-batch": 0, "quarter-of-model": group_budget(model_bytes, available),
                    "quarter-of-free-ram": available // 4}[budget]

@@ -69,6 +69,7 @@ from moonshot_plugins.core.layers import (
     is_norm_layer,
     layer_inputs,
     layer_output_grads,
+    module_bytes,
     restore_weight,
     standardized_weight,
 )
@@ -136,6 +137,7 @@ __all__ = [
     "is_depthwise_conv",
     "is_norm_layer",
     "layer_inputs",
+    "module_bytes",
     "layer_output_grads",
     "restore_weight",
     "standardized_weight",

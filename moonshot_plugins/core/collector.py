@@ -33,8 +33,7 @@ from torch import nn
 
 from moonshot_plugins.core.finite import NonFiniteError, describe_non_finite
 from moonshot_plugins.core.layers import (
-    Conv1D,
-    check_supported_layer,
+    check_collectable_layer,
     conv_groups,
     in_features,
     is_norm_layer,
@@ -139,7 +138,9 @@ class FisherCollector:
         if not (matrix or diagonal or input_moments or token_weights or row_factors):
             raise ValueError("FisherCollector needs matrix=True or diagonal=True")
         for name, module in modules.items():
-            _check_layer(name, module, matrix or row_factors, grouped_convs, norm_layers, token_weights)
+            check_collectable_layer(
+                name, module, matrix or row_factors, grouped_convs, norm_layers, token_weights
+            )
         self.modules = dict(modules)
         self.matrix = matrix
         self.diagonal = diagonal
@@ -402,26 +403,3 @@ class FisherCollector:
         self._diag_acc.pop(name, None)
         return matrix, diagonal
 
-
-def _check_layer(
-    name: str,
-    module: nn.Module,
-    matrix: bool,
-    grouped_convs: bool,
-    norm_layers: bool,
-    token_weights: bool,
-) -> None:
-    """Raise unless ``module`` supports the statistics the collector keeps."""
-    check_supported_layer(module, grouped_convs=grouped_convs, norm_layers=norm_layers)
-    if matrix and (is_norm_layer(module) or conv_groups(module) != 1):
-        raise ValueError(
-            f"layer {name!r} ({type(module).__name__}) has no shared d_in x d_in "
-            "Fisher or per-row factors; pass matrix=False and row_factors=False "
-            "(diagonal=True and/or input_moments=True)"
-        )
-    if token_weights and not isinstance(module, (nn.Linear, Conv1D)):
-        raise ValueError(
-            f"token_weights supports nn.Linear and transformers Conv1D, got "
-            f"{type(module).__name__} for layer {name!r}: a convolution's "
-            "unfolded columns mix positions, so its inputs cannot be reweighted"
-        )

@@ -26,10 +26,12 @@ __all__ = [
     "out_features",
     "in_features",
     "check_supported_layer",
+    "check_collectable_layer",
     "layer_inputs",
     "layer_output_grads",
     "standardized_weight",
     "restore_weight",
+    "module_bytes",
 ]
 
 
@@ -100,6 +102,33 @@ def check_supported_layer(
         )
 
 
+def check_collectable_layer(
+    name: str,
+    module: nn.Module,
+    matrix: bool,
+    grouped_convs: bool,
+    norm_layers: bool,
+    token_weights: bool,
+) -> None:
+    """Raise unless ``module`` supports the statistics a
+    :class:`~moonshot_plugins.core.collector.FisherCollector` keeps:
+    ``matrix`` (a shared d_in x d_in Fisher or per-row factors) needs an
+    ungrouped layer that is not a norm, ``token_weights`` a Linear or Conv1D."""
+    check_supported_layer(module, grouped_convs=grouped_convs, norm_layers=norm_layers)
+    if matrix and (is_norm_layer(module) or conv_groups(module) != 1):
+        raise ValueError(
+            f"layer {name!r} ({type(module).__name__}) has no shared d_in x d_in "
+            "Fisher or per-row factors; pass matrix=False and row_factors=False "
+            "(diagonal=True and/or input_moments=True)"
+        )
+    if token_weights and not isinstance(module, (nn.Linear, Conv1D)):
+        raise ValueError(
+            f"token_weights supports nn.Linear and transformers Conv1D, got "
+            f"{type(module).__name__} for layer {name!r}: a convolution's "
+            "unfolded columns mix positions, so its inputs cannot be reweighted"
+        )
+
+
 def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Layer input as per-sample rows: (B, T, d_in).
 
@@ -145,3 +174,8 @@ def restore_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     if isinstance(module, Conv1D):
         weight = weight.T
     return weight.reshape(module.weight.shape).to(module.weight.dtype)
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers, its submodules' included."""
+    return sum(t.nbytes for t in [*module.parameters(), *module.buffers()])

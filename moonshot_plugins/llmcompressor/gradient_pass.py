@@ -23,7 +23,13 @@ from loguru import logger
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.dev import get_main_device
 
-from moonshot_plugins.core import AUTO, FisherCollector, auto_taylor_weight, resolve_gradient_dtype
+from moonshot_plugins.core import (
+    AUTO,
+    FisherCollector,
+    auto_taylor_weight,
+    module_bytes,
+    resolve_gradient_dtype,
+)
 from moonshot_plugins.core.blockwise_pass import (
     BlockCall,
     Onload,
@@ -300,7 +306,7 @@ def _group_bytes(model: torch.nn.Module, device: torch.device) -> int:
         home = next(model.parameters()).device
         if home == device:
             return 0
-        model_bytes = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+        model_bytes = module_bytes(model)
     return group_budget(model_bytes, psutil.virtual_memory().available)
 
 
