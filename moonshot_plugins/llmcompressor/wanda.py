@@ -61,11 +61,14 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
     ``resolve_max_iters`` caps the re-solve's PCG iterations per layer
     (default None: 50, each one (d_out, d_in) x (d_in, d_in) product).
 
-    ``fisher_dtype`` (default "float32"): the dtype every layer's diagonal
-    Fisher (d_out x d_in, one number per pruned weight) is held in from the
-    end of its block's backward until Wanda prunes the layer; the whole
-    model's worth is held at once, so "bfloat16" halves that memory (the
-    sums themselves run in fp32).
+    ``fisher_dtype`` (default "float32"): the dtype of every layer's diagonal
+    Fisher (d_out x d_in, one number per pruned weight), which the gradient
+    pass builds for all layers at once and which is held until Wanda prunes
+    the layer. "bfloat16" halves it: each batch's update is computed in fp32
+    and rounded once into the bf16 sum. On SmolLM2-135M at 2:4 that is
+    168 MiB less peak RSS (1.17x Wanda's against 1.27x, same time) and, on
+    held-out text, 0.961-1.007 of the float32 default's perplexity over 3
+    draws: the rounding moves near-tied scores (docs/experiments.md).
 
     Sample yaml:
 
@@ -78,7 +81,7 @@ class MoonshotWandaModifier(MoonshotModifierMixin, WandaPruningModifier):
           taylor_weight: 0.5
           weight_update: host       # or resolve
           # resolve_max_iters: 50   # PCG cap of resolve
-          # fisher_dtype: bfloat16  # half the held Fisher's memory
+          # fisher_dtype: bfloat16  # half the held Fisher's memory, rounded
           targets: ["Linear"]
           ignore: ["re:.*lm_head"]
     ```
