@@ -57,6 +57,13 @@ RANKS_AGREE = [
         modifier="MoonshotSparseGPTModifier",
         fields=dict(sparsity=0.5, weight_update="resolve"),
     ),
+    # each rank's bf16 sums are rounded per sample before the ranks' fp32
+    # reduction, so near-tied scores may differ from one process's
+    dict(
+        name="wanda_2of4_bf16_fisher",
+        modifier="MoonshotWandaModifier",
+        fields=dict(mask_structure="2:4", taylor_weight=0.5, fisher_dtype="bfloat16"),
+    ),
 ]
 
 BAD_INPUT = [
