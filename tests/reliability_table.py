@@ -218,6 +218,7 @@ def modifier_rows() -> list[Row]:
                   resolve_max_iters=0),
         construct(area, "`resolve_max_iters: 50`, `weight_update: host`", "MoonshotSparseGPTModifier", sparsity=0.5,
                   resolve_max_iters=50),
+        construct(area, "`fisher_dtype: float16`", "MoonshotWandaModifier", sparsity=0.5, fisher_dtype="float16"),
         construct(area, "`admm_rho: 0`", "MoonshotSparseGPTModifier", sparsity=0.5, weight_update="admm", admm_rho=0),
         construct(area, "`admm_rho: 0.3`, `weight_update: resolve`", "MoonshotSparseGPTModifier", sparsity=0.5,
                   weight_update="resolve", admm_rho=0.3),
