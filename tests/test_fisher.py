@@ -299,7 +299,6 @@ def test_chunked_losses_equal_full_logits_losses_and_gradients(padded):
     torch.testing.assert_close(grad_chunked, grad_full)
 
 
-
 @pytest.mark.parametrize("mode", ["token", "sample"])
 def test_a_bf16_diagonal_is_the_fp32_one_rounded_once_per_batch(mode):
     """Two batches: each update is computed in fp32 and rounded into the bf16
