@@ -35,7 +35,7 @@ from typing import Any
 
 from benchmarks.protocol import CALIBRATION_SOURCES, EVALUATION_TEXTS, HELDOUT_TEXTS, RUN_KEYS
 from benchmarks.protocol_report import protocol_tables, write_protocol_block
-from benchmarks.provenance import code_version, machine_description, write_atomically
+from benchmarks.provenance import code_version, library_versions, machine_description, write_atomically
 from benchmarks.report import default_settings, print_cost_pairs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_plan(doc: dict[str, Any], plan: list[dict[str, Any]], settings: dict[str, Any],
              output: pathlib.Path) -> None:
     """Run ``plan`` one child process per run, appending each result (with
-    the commit it measured) to ``doc`` and rewriting ``output`` after each."""
+    the commit it measured, the date, the machine and the library versions)
+    to ``doc`` and rewriting ``output`` after each."""
     for index, run in enumerate(plan, 1):
         label = (f"[{index}/{len(plan)}] {run['method']} {run['host'] or ''} {run['sparsity']} "
                  f"lam={run['lam']} {run['fisher_mode']} {run.get('options', '')} "
@@ -388,6 +389,9 @@ def run_plan(doc: dict[str, Any], plan: list[dict[str, Any]], settings: dict[str
         result = json.loads(lines[-1][len("RESULT "):])
         result["code"] = code_version()
         result["date"] = str(datetime.date.today())
+        # per run: a file gathers runs from several days, and machines
+        result["machine"] = machine_description()
+        result["libraries"] = library_versions()
         doc["runs"].append(result)
         write_atomically(output, doc)
         print("   ", {k: round(v, 2) for k, v in result.items() if isinstance(v, float)}, flush=True)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -292,3 +293,25 @@ def test_a_run_no_modifier_accepts_stops_the_plan_before_any_run(tmp_path, monke
     llm.main(["--plan", "solver", "--sparsity", "2:4", "--host", "sparsegpt", "--weight-update", "resolve",
               "--taylor-weight", "0.5", "--fisher-rows", "per_row", "--draws", "1", "--output", str(output)])
     assert len(started) == 1 and len(started[0][1]) == 2 * 3  # host, default, the update; per source
+
+
+def test_each_run_records_the_machine_and_library_versions_it_met(tmp_path, monkeypatch):
+    # a results file gathers runs over days, and one pinned only to a range
+    # (transformers) can move a run's floats: each run says what it met
+    import subprocess
+    from importlib import metadata
+
+    import benchmarks.llm as llm
+
+    def child(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 0, stdout='RESULT {"prune_seconds": 1.5}\n', stderr="")
+
+    monkeypatch.setattr(llm.subprocess, "run", child)
+    doc, output = {"runs": []}, tmp_path / "runs.json"
+    plan = [{"method": "host", "host": "wanda", "sparsity": "2:4", "lam": None, "fisher_mode": "token"}]
+    llm.run_plan(doc, plan, {"calib_samples": 2}, output)
+    (run,) = json.loads(output.read_text())["runs"]
+    assert run["prune_seconds"] == 1.5 and run["date"] and run["code"]
+    assert f"transformers {metadata.version('transformers')}" in run["libraries"]
+    assert f"llmcompressor {metadata.version('llmcompressor')}" in run["libraries"]
+    assert run["machine"].startswith(f"{os.cpu_count()} cores ") and f"threads {torch.get_num_threads()}" in run["machine"]
