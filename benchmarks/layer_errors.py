@@ -3,9 +3,10 @@
     python -m benchmarks.layer_errors --sparsity 2:4 --calib-source austen --draw 0 \\
         --output benchmarks/results/2026-12-01-layer-errors-2of4.json
 
-The methods are those of ``python -m benchmarks.llm --plan solver`` (the host,
-today's MOONSHOT default, and each ``weight_update`` at lam 0 and at the
-default lam) on one calibration draw. Each method prunes SmolLM2-135M in its
+The methods are those of ``python -m benchmarks.llm --plan solver`` for one
+host (``--host``, default sparsegpt: the host, today's MOONSHOT default, and
+each ``--weight-update`` at lam 0 and at the default lam) on one calibration
+draw. Each method prunes SmolLM2-135M in its
 own child process, and its weights are cached on disk. Then one pass of the
 dense model over the same draw measures, for every pruned layer l and method
 m, with dW = W_m - W_dense (d_out, d_in), x_t the layer's dense input and d_t
@@ -32,7 +33,7 @@ import subprocess
 import sys
 from typing import Any
 
-from benchmarks.llm import PROTOCOL_SETTINGS, make_plan, over_draws
+from benchmarks.llm import HOST_WEIGHT_UPDATES, PROTOCOL_SETTINGS, WEIGHT_UPDATES, make_plan, over_draws
 from benchmarks.llm_run import prune, run_data
 from benchmarks.provenance import code_version, machine_description
 from benchmarks.report import run_label
@@ -162,30 +163,42 @@ def plot(errors: dict[str, dict[str, dict[str, float]]], labels: list[str], path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.layer_errors", description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", default="2:4")
+    parser.add_argument("--host", choices=sorted(HOST_WEIGHT_UPDATES), default="sparsegpt",
+                        help="the host the methods are measured against")
+    parser.add_argument("--weight-update", action="append", choices=WEIGHT_UPDATES,
+                        help="the solver plan's weight updates to measure (repeatable; default: resolve)")
     parser.add_argument("--calib-source", default="austen")
     parser.add_argument("--draw", type=int, default=0)
-    parser.add_argument("--output", type=pathlib.Path, required=True, help="results JSON; the plot goes next to docs/")
-    parser.add_argument("--plot", type=pathlib.Path, default=ROOT / "docs" / "layer-errors-2of4.png")
+    parser.add_argument("--output", type=pathlib.Path, required=True, help="results JSON")
+    parser.add_argument("--plot", type=pathlib.Path,
+                        help="default: docs/layer-errors-<sparsity>[-<host> unless sparsegpt].png")
     parser.add_argument("--prune-one", help=argparse.SUPPRESS)  # internal: JSON of one run
     args = parser.parse_args(argv)
     if args.prune_one:
         prune_and_save(json.loads(args.prune_one))
         return 0
-    plan = make_plan("solver", (args.sparsity,), ("sparsegpt",), ("resolve",))
+    updates = tuple(args.weight_update or ("resolve",))
+    refused = [u for u in updates if u not in HOST_WEIGHT_UPDATES[args.host]]
+    if refused:
+        parser.error(f"--weight-update {refused[0]} is not one of {args.host}'s weight updates: "
+                     f"{list(HOST_WEIGHT_UPDATES[args.host])}")
+    plan = make_plan("solver", (args.sparsity,), (args.host,), updates)
     runs = [r for r in over_draws(plan, (args.calib_source,), args.draw + 1) if r["draw"] == args.draw]
     labels = [run_label(r) for r in runs]
+    plot_path = args.plot or ROOT / "docs" / (
+        f"layer-errors-{args.sparsity.replace(':', 'of')}" + ("" if args.host == "sparsegpt" else f"-{args.host}") + ".png")
     for label, run in zip(labels, runs):
         if not _weights_file(run).exists():
             print(f"pruning: {label}", flush=True)
             subprocess.run([sys.executable, "-m", "benchmarks.layer_errors", "--output", str(args.output),
                             "--prune-one", json.dumps(run)], cwd=ROOT, check=True)
     errors = measure(runs, labels)
-    title = f"SmolLM2-135M {args.sparsity}, {args.calib_source} draw {args.draw}: per-layer error relative to SparseGPT"
-    plot(errors, labels, args.plot, title)
+    title = f"SmolLM2-135M {args.sparsity}, {args.calib_source} draw {args.draw}: per-layer error relative to {labels[0]}"
+    plot(errors, labels, plot_path, title)
     args.output.write_text(json.dumps({
         "command": "python -m benchmarks.layer_errors " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_description(),
-        "date": str(datetime.date.today()), "code": code_version(), "settings": PROTOCOL_SETTINGS, "sparsity": args.sparsity, "calib_source": args.calib_source, "draw": args.draw,
+        "date": str(datetime.date.today()), "code": code_version(), "settings": PROTOCOL_SETTINGS, "sparsity": args.sparsity, "host": args.host, "calib_source": args.calib_source, "draw": args.draw,
         "methods": labels, "errors": errors,
     }, indent=1) + "\n")
     for label in labels[1:]:

@@ -1,5 +1,6 @@
 """benchmarks.layer_errors: the per-layer errors against a brute-force computation."""
 
+import pytest
 import torch
 
 from benchmarks.layer_errors import layer_errors
@@ -43,3 +44,14 @@ def test_layer_errors_match_brute_force_and_leave_the_model_alone(tmp_path):
             assert abs(got["taylor"] - expected[1]) <= 1e-9 * expected[1]
             assert got["taylor"] > 0
     assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
+
+
+def test_a_weight_update_the_host_lacks_is_refused_naming_the_hosts_own(tmp_path, capsys):
+    from benchmarks.layer_errors import main
+
+    output = tmp_path / "errors.json"
+    with pytest.raises(SystemExit):
+        main(["--host", "wanda", "--weight-update", "admm", "--output", str(output)])
+    error = capsys.readouterr().err
+    assert "--weight-update admm is not one of wanda's weight updates: ['resolve']" in error
+    assert not output.exists()
