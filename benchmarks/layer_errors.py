@@ -95,6 +95,7 @@ def layer_errors(model, loader, deltas: dict[str, dict[str, Any]]) -> dict[str, 
     :return: layer name -> method label -> {"reconstruction": R_l, "taylor": T_l}
     """
     import torch
+    from tqdm import tqdm
 
     names = list(next(iter(deltas.values())))
     layers = dict(model.named_modules())
@@ -119,7 +120,7 @@ def layer_errors(model, loader, deltas: dict[str, dict[str, Any]]) -> dict[str, 
     model.eval()
     try:
         with torch.enable_grad():
-            for batch in loader:
+            for batch in tqdm(loader, desc="per-layer errors", unit="batch"):
                 ids = batch["input_ids"]
                 # a leaf input that needs a gradient, so every layer's output gets one
                 embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
