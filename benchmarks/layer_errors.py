@@ -2,6 +2,8 @@
 
     python -m benchmarks.layer_errors --sparsity 2:4 --calib-source austen --draw 0 \\
         --output benchmarks/results/2026-12-01-layer-errors-2of4.json
+    python -m benchmarks.layer_errors --sparsity 2:4 --host wanda --calib-source austen --draw 0 \\
+        --output benchmarks/results/2026-12-05-layer-errors-2of4-wanda.json
 
 The methods are those of ``python -m benchmarks.llm --plan solver`` for one
 host (``--host``, default sparsegpt: the host, today's MOONSHOT default, and
