@@ -373,6 +373,9 @@ def run_plan(doc: dict[str, Any], plan: list[dict[str, Any]], settings: dict[str
     """Run ``plan`` one child process per run, appending each result (with
     the commit it measured, the date, the machine and the library versions)
     to ``doc`` and rewriting ``output`` after each."""
+    # recorded per run (a file gathers runs from several days and machines),
+    # read once: they do not change while this process runs
+    machine, libraries = machine_description(), library_versions()
     for index, run in enumerate(plan, 1):
         label = (f"[{index}/{len(plan)}] {run['method']} {run['host'] or ''} {run['sparsity']} "
                  f"lam={run['lam']} {run['fisher_mode']} {run.get('options', '')} "
@@ -389,9 +392,8 @@ def run_plan(doc: dict[str, Any], plan: list[dict[str, Any]], settings: dict[str
         result = json.loads(lines[-1][len("RESULT "):])
         result["code"] = code_version()
         result["date"] = str(datetime.date.today())
-        # per run: a file gathers runs from several days, and machines
-        result["machine"] = machine_description()
-        result["libraries"] = library_versions()
+        result["machine"] = machine
+        result["libraries"] = libraries
         doc["runs"].append(result)
         write_atomically(output, doc)
         print("   ", {k: round(v, 2) for k, v in result.items() if isinstance(v, float)}, flush=True)
